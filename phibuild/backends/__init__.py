@@ -1,0 +1,126 @@
+"""The backend interface, and the registry of backends by name.
+
+A backend is one file in this package defining a subclass of :class:`Backend` named ``BACKEND``. It declares
+
+- ``name`` (used in task names), ``title`` and the pip ``extra`` that installs it;
+- ``packages``: every distribution whose version can change the output bytes (they enter the cache key);
+- ``precisions``: for each of int4/int8/fp16/fp32 the default parameters, all of which enter the key
+  and can be overridden in ``[tool.phibuild.params.<backend>]`` / ``[...<backend>.<precision>]``;
+- ``architectures``: the Hugging Face architectures it can build;
+- ``unlinkable`` (optional): output files its readers refuse as hardlinks, shown under ``build/`` as copies;
+
+and implements ``refuse`` (why a given architecture/precision/parameter set cannot be built, or None),
+``build`` (source directory to output directory) and ``smoke`` (load the output with the backend's own
+runtime and generate a few tokens). Heavy imports happen inside ``build`` and ``smoke`` only, so listing
+tasks stays fast.
+
+A backend whose precisions share a first step (GGUF: one F16 conversion, quantized several ways) returns
+that step's parameters from ``intermediate`` and implements ``build_intermediate``; phibuild caches the
+step in the store under its own key and hands its directory to ``build``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..errors import ConfigError
+
+PRECISIONS = ("int4", "int8", "fp16", "fp32")
+# Phi's chat format; the smoke checks of every backend generate from this prompt.
+SMOKE_MESSAGES = [{"role": "user", "content": "What does os.path.join do?"}]
+SMOKE_TOKENS = 8
+
+MODULES = {
+    "onnx": "phibuild.backends.onnx",
+}
+
+
+@dataclass(frozen=True)
+class Smoke:
+    """What the smoke check did: ``ran`` False means it could not run here, and ``detail`` says why."""
+
+    ran: bool
+    detail: str
+    tokens: tuple[int, ...] = ()
+
+    def summary(self) -> str:
+        return f"ok: {self.detail}" if self.ran else f"not run: {self.detail}"
+
+
+class Backend:
+    name: ClassVar[str]
+    title: ClassVar[str]
+    extra: ClassVar[str]
+    packages: ClassVar[tuple[str, ...]]
+    architectures: ClassVar[frozenset[str]]
+    precisions: ClassVar[dict[str, dict[str, Any]]]
+    recipe: ClassVar[int] = 1  # bump when phibuild's use of this backend changes the output
+    unlinkable: ClassVar[tuple[str, ...]] = ()  # output globs shown as copies, never hardlinks of the store
+
+    def versions(self) -> dict[str, str]:
+        """Installed versions of ``packages``; raises ConfigError naming the extra when one is missing."""
+        versions = {}
+        for package in self.packages:
+            try:
+                versions[package] = importlib.metadata.version(package)
+            except importlib.metadata.PackageNotFoundError:
+                raise ConfigError(
+                    f"backend {self.name} ({self.title}) needs {package}, which is not installed: "
+                    f"pip install 'phibuild[{self.extra}]'"
+                ) from None
+        return versions
+
+    def installed(self) -> bool:
+        try:
+            self.versions()
+        except ConfigError:
+            return False
+        return True
+
+    def params(self, precision: str, overrides: dict[str, Any]) -> dict[str, Any]:
+        """Defaults for ``precision`` with ``overrides`` applied; unknown names are an error."""
+        if precision not in self.precisions:
+            raise ConfigError(
+                f"backend {self.name} has no precision {precision!r}; choose one of {', '.join(self.precisions)}"
+            )
+        params = dict(self.precisions[precision])
+        unknown = sorted(set(overrides) - set(params))
+        if unknown:
+            raise ConfigError(
+                f"backend {self.name} at {precision} has no parameter {', '.join(unknown)}; "
+                f"its parameters are {', '.join(sorted(params))}"
+            )
+        params.update(overrides)
+        return params
+
+    def refuse(self, architecture: str, precision: str, params: dict[str, Any]) -> str | None:
+        """Why this combination cannot be built, or None when it can."""
+        if architecture not in self.architectures:
+            return f"{self.title} cannot build {architecture} (it builds {', '.join(sorted(self.architectures))})"
+        return None
+
+    def intermediate(self, precision: str, params: dict[str, Any]) -> dict[str, Any] | None:
+        """Parameters of the shared step this build starts from, or None when it starts from the source."""
+        return None
+
+    def build_intermediate(self, source: Path, output: Path, params: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def build(self, source: Path, output: Path, precision: str, params: dict[str, Any],
+              intermediate: Path | None) -> None:
+        """Write the artifact into the empty directory ``output``; ``intermediate`` as ``intermediate`` asked."""
+        raise NotImplementedError
+
+    def smoke(self, artifact: Path, params: dict[str, Any]) -> Smoke:
+        raise NotImplementedError
+
+
+def get(name: str) -> Backend:
+    """The backend called ``name``; its module is imported on first use."""
+    if name not in MODULES:
+        raise ConfigError(f"unknown backend {name!r}; phibuild has {', '.join(MODULES)}")
+    return importlib.import_module(MODULES[name]).BACKEND()

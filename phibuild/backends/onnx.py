@@ -1,0 +1,114 @@
+"""ONNX Runtime GenAI: its model builder (``onnxruntime_genai.models.builder``), run in-process.
+
+int4 and int8 are weight-only MatMulNBits quantization (block size, symmetry, algorithm and accuracy level
+as parameters); fp32 runs on the CPU execution provider; fp16 targets CUDA or DirectML, so it is built here
+but its smoke check cannot run on a CPU-only machine and says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import BuildError
+from . import SMOKE_MESSAGES, SMOKE_TOKENS, Backend, Smoke
+
+# Which execution providers the builder accepts for each precision (shared/phi-family.md).
+PROVIDERS = {
+    "int4": ("cpu", "cuda", "dml", "webgpu"),
+    "int8": ("cpu", "cuda", "webgpu"),
+    "fp16": ("cuda", "dml"),
+    "fp32": ("cpu", "cuda"),
+}
+QUANTIZED = {"execution_provider": "cpu", "block_size": 32, "is_symmetric": True, "algo_config": "default",
+             "accuracy_level": 4}
+
+
+class OnnxBackend(Backend):
+    name = "onnx"
+    title = "ONNX Runtime GenAI"
+    extra = "onnx"
+    packages = ("onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir", "torch", "transformers", "numpy")
+    architectures = frozenset({"Phi3ForCausalLM", "Phi3SmallForCausalLM", "PhiMoEForCausalLM"})
+    # onnx.load refuses external data that is a hardlink or symlink (its guard against path tricks).
+    unlinkable = ("*.onnx.data",)
+    precisions = {
+        "int4": dict(QUANTIZED),
+        "int8": dict(QUANTIZED),
+        "fp16": {"execution_provider": "cuda"},
+        "fp32": {"execution_provider": "cpu"},
+    }
+
+    def refuse(self, architecture: str, precision: str, params: dict[str, Any]) -> str | None:
+        reason = super().refuse(architecture, precision, params)
+        if reason:
+            return reason
+        provider = params["execution_provider"]
+        if provider not in PROVIDERS[precision]:
+            return (f"{self.title} builds {precision} for execution providers {', '.join(PROVIDERS[precision])}, "
+                    f"not {provider!r}")
+        if architecture == "PhiMoEForCausalLM" and (precision, provider) != ("int4", "cuda"):
+            return f"{self.title} builds PhiMoE only as int4 for CUDA (its MoE operator is CUDA-only)"
+        if params.get("block_size") not in (None, 16, 32, 64, 128, 256):
+            return f"block_size must be 16, 32, 64, 128 or 256, not {params['block_size']!r}"
+        return None
+
+    def build(self, source: Path, output: Path, precision: str, params: dict[str, Any],
+              intermediate: Path | None) -> None:
+        from onnxruntime_genai.models.builder import create_model, parse_extra_options
+
+        # The quantizer configures the root logger at INFO on import: one line per tensor. Keep warnings.
+        logging.getLogger("onnxruntime").setLevel(logging.WARNING)
+        params = dict(params)
+        provider = params.pop("execution_provider")
+        options = [f"{key}={_option(value)}" for key, value in sorted(params.items())]
+        cache = output.parent / "builder-cache"
+        log = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(log):
+                extra = parse_extra_options(str(source), str(source), str(output), precision, provider,
+                                            str(cache), options)
+                create_model(str(source), str(source), str(output), precision, provider, str(cache), **extra)
+        except Exception as exc:
+            sys.stderr.write(log.getvalue())
+            raise BuildError(f"{self.title} model builder failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+        if not (output / "genai_config.json").is_file():
+            raise BuildError(f"{self.title} model builder wrote no genai_config.json in {output}")
+
+    def smoke(self, artifact: Path, params: dict[str, Any]) -> Smoke:
+        provider = params["execution_provider"]
+        if provider != "cpu":
+            return Smoke(False, f"built for the {provider} execution provider; this check runs on the CPU only")
+        import onnxruntime_genai as og
+
+        model = og.Model(str(artifact))
+        tokenizer = og.Tokenizer(model)
+        prompt = tokenizer.apply_chat_template(json.dumps(SMOKE_MESSAGES), add_generation_prompt=True)
+        prompt_ids = tokenizer.encode(prompt)
+        search = og.GeneratorParams(model)
+        search.set_search_options(max_length=len(prompt_ids) + SMOKE_TOKENS, do_sample=False)
+        generator = og.Generator(model, search)
+        generator.append_tokens(prompt_ids)
+        tokens = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            tokens.append(int(generator.get_next_tokens()[0]))
+        if not tokens:
+            raise BuildError(f"{self.title} generated no tokens from {artifact}")
+        text = tokenizer.decode(tokens)
+        return Smoke(True, f"{len(tokens)} tokens from a Phi chat prompt: {text!r}", tuple(tokens))
+
+
+def _option(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+BACKEND = OnnxBackend

@@ -1,0 +1,103 @@
+"""The Phi text models phibuild knows by name: the real ones on the Hugging Face hub and the tiny look-alikes
+embedded in the package (``phibuild/embedded/``), which need no network.
+
+Shapes and backend support come from ``shared/phi-family.md``; a model defined in ``[tool.phibuild.model.NAME]``
+is a :class:`ModelSpec` too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+
+EMBEDDED_DIR = Path(__file__).parent / "embedded"
+
+# Files a build reads from a Hugging Face checkpoint directory; everything else (README, images,
+# original/ PyTorch pickles) is ignored, downloaded by no one and hashed by no one.
+SOURCE_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "*.py",
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model's files come from: exactly one of ``repo`` (hub) or ``path`` (local directory)."""
+
+    name: str
+    architecture: str | None = None  # known up front for catalog models; read from config.json otherwise
+    repo: str | None = None
+    revision: str | None = None  # branch, tag or commit asked for; the lock pins the commit
+    path: Path | None = None
+    embedded: bool = False
+    about: str = ""
+
+    @property
+    def origin(self) -> str:
+        if self.embedded:
+            return f"embedded:{self.name}"
+        if self.repo:
+            return f"hf:{self.repo}" + (f"@{self.revision}" if self.revision else "")
+        return f"path:{self.path}"
+
+
+def _hub(name: str, repo: str, architecture: str, about: str) -> ModelSpec:
+    return ModelSpec(name, architecture, repo=repo, about=about)
+
+
+def _embedded(name: str, about: str) -> ModelSpec:
+    return ModelSpec(name, "Phi3ForCausalLM", path=EMBEDDED_DIR / name, embedded=True, about=about)
+
+
+CATALOG: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        _hub("phi3-mini-4k", "microsoft/Phi-3-mini-4k-instruct", "Phi3ForCausalLM", "3.8B, 4k context"),
+        _hub("phi3-mini-128k", "microsoft/Phi-3-mini-128k-instruct", "Phi3ForCausalLM", "3.8B, 128k longrope"),
+        _hub("phi3-small-8k", "microsoft/Phi-3-small-8k-instruct", "Phi3SmallForCausalLM",
+             "7B, remote code, tiktoken tokenizer"),
+        _hub("phi3-medium-4k", "microsoft/Phi-3-medium-4k-instruct", "Phi3ForCausalLM", "14B, 4k context, GQA"),
+        _hub("phi3-medium-128k", "microsoft/Phi-3-medium-128k-instruct", "Phi3ForCausalLM",
+             "14B, 128k longrope, GQA"),
+        _hub("phi35", "microsoft/Phi-3.5-mini-instruct", "Phi3ForCausalLM", "3.8B, 128k longrope"),
+        _hub("phi35-moe", "microsoft/Phi-3.5-MoE-instruct", "PhiMoEForCausalLM", "42B MoE (6.6B active)"),
+        _hub("phi4", "microsoft/phi-4", "Phi3ForCausalLM", "14B, 16k context, BPE tokenizer"),
+        _hub("phi4-mini", "microsoft/Phi-4-mini-instruct", "Phi3ForCausalLM",
+             "3.8B, 128k longrope, partial rotary, tied embeddings"),
+        _hub("phi4-mini-reasoning", "microsoft/Phi-4-mini-reasoning", "Phi3ForCausalLM", "3.8B reasoning"),
+        _hub("phi4-reasoning", "microsoft/Phi-4-reasoning", "Phi3ForCausalLM", "14B reasoning, 32k context"),
+        _embedded("phi3-tiny", "embedded look-alike of Phi-3-mini-4k: SentencePiece, no rope scaling"),
+        _embedded("phi35-tiny", "embedded look-alike of Phi-3.5-mini: SentencePiece, longrope"),
+        _embedded("phi4-mini-tiny",
+                  "embedded look-alike of Phi-4-mini: BPE, GQA, partial rotary 0.75, tied embeddings"),
+    )
+}
+
+EMBEDDED = [name for name, spec in CATALOG.items() if spec.embedded]
+
+
+def lookup(name: str, custom: dict[str, ModelSpec] | None = None) -> ModelSpec:
+    """The spec for ``name``, from the project's own models first, then the catalog."""
+    if custom and name in custom:
+        return custom[name]
+    if name in CATALOG:
+        return CATALOG[name]
+    known = sorted(set(CATALOG) | set(custom or ()))
+    raise ConfigError(
+        f"unknown model {name!r}. Known models: {', '.join(known)}. "
+        "Define your own under [tool.phibuild.model.NAME] with path = ... or repo = ..."
+    )

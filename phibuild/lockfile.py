@@ -1,0 +1,89 @@
+"""``artifacts.lock``: what each artifact was built from and what it contains, in TOML.
+
+One table per artifact under ``[artifacts."<target>"]``, keys sorted, so the file diffs and merges well.
+Every write re-reads the file under an exclusive file lock, changes one entry and replaces the file by
+rename, so parallel tasks (``doit -n 2``) never lose each other's entries and a crash never leaves half
+a file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import tomllib
+from pathlib import Path
+
+import tomli_w
+from filelock import FileLock
+
+from .errors import LockError
+
+FORMAT = 1
+HEADER = (
+    "# artifacts.lock: written by phibuild after every finished build; commit it.\n"
+    "# Each table pins one artifact: its source, toolchain, parameters, cache key and output files.\n\n"
+)
+CONFLICT = re.compile(r"^(<<<<<<<|=======|>>>>>>>)( |$)", re.MULTILINE)
+
+
+class Lockfile:
+    def __init__(self, path: Path):
+        self.path = path
+        self._mutex = FileLock(str(path) + ".lock")
+
+    def read(self) -> dict[str, dict]:
+        """All entries by target name; an absent file is an empty lock."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return {}
+        return parse(text, self.path)
+
+    def get(self, name: str) -> dict | None:
+        return self.read().get(name)
+
+    def put(self, name: str, entry: dict | None) -> None:
+        """Set (or with ``None`` remove) one entry, atomically and safely against concurrent writers."""
+        with self._mutex:
+            entries = self.read()
+            if entry is None:
+                entries.pop(name, None)
+            else:
+                entries[name] = entry
+            self._write(entries)
+
+    def _write(self, entries: dict[str, dict]) -> None:
+        body = tomli_w.dumps(_sorted({"version": FORMAT, "artifacts": entries}))
+        fd, tmp = tempfile.mkstemp(prefix=".artifacts.lock.", dir=self.path.parent)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(HEADER + body)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.path)
+
+
+def parse(text: str, path: Path) -> dict[str, dict]:
+    conflict = CONFLICT.search(text)
+    if conflict:
+        line = text.count("\n", 0, conflict.start()) + 1
+        raise LockError(
+            f"{path}:{line}: unresolved merge conflict marker {conflict.group(1)!r}. Resolve it by keeping "
+            "either side of each conflicting artifact table (or delete those tables and rebuild them)."
+        )
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise LockError(f"{path}: not valid TOML ({exc}). Fix the line by hand or restore it from git.") from None
+    if data.get("version") != FORMAT:
+        raise LockError(f"{path}: lock format version {data.get('version')!r}, this phibuild reads {FORMAT}")
+    artifacts = data.get("artifacts", {})
+    if not isinstance(artifacts, dict) or not all(isinstance(v, dict) for v in artifacts.values()):
+        raise LockError(f"{path}: [artifacts] must hold one table per artifact")
+    return artifacts
+
+
+def _sorted(value):
+    if isinstance(value, dict):
+        return {k: _sorted(value[k]) for k in sorted(value)}
+    return value

@@ -1,0 +1,331 @@
+"""A phibuild project: its targets, and for each one whether it is fresh and how to make it so.
+
+A target is up to date exactly when its cache key equals the key pinned in ``artifacts.lock``, the store
+holds that key with the locked file digests, and the visible copy under ``build/`` shows those files.
+Otherwise the build action restores what it can (a key already in the store is linked, not rebuilt) and
+builds the rest into a temporary directory that is verified, smoke-checked and only then published.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import backends, keys, sources
+from .backends import Backend
+from .catalog import ModelSpec
+from .config import Config, load
+from .errors import BuildError, LockError, PhibuildError, SourceError, UnsupportedError
+from .hashing import FileDigest
+from .lockfile import Lockfile
+from .store import Entry, Store
+
+FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclass(frozen=True)
+class Target:
+    model: ModelSpec
+    precision: str
+    backend: Backend
+    params: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return f"{self.model.name}-{self.precision}-{self.backend.name}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A target's cache key and what it was computed from."""
+
+    target: Target
+    parts: dict[str, Any]
+    key: str
+    revision: str | None  # hub commit, when the model comes from the hub
+    source: sources.Source | None  # None when a pinned hub source was not downloaded
+
+
+def frozen() -> bool:
+    """``PHIBUILD_FROZEN=1``: fail instead of changing artifacts.lock (for CI)."""
+    return os.environ.get("PHIBUILD_FROZEN", "").lower() in ("1", "true", "yes")
+
+
+class Project:
+    def __init__(self, config: Config):
+        self.config = config
+        self.root = config.root
+        self.store = Store(self.root / config.store)
+        self.lock = Lockfile(self.root / config.lock)
+        self._targets: tuple[list[Target], list[str]] | None = None
+
+    @classmethod
+    def load(cls, root: Path | None = None) -> Project:
+        return cls(load(root or Path.cwd()))
+
+    # -- targets ---------------------------------------------------------------------------------
+
+    def targets(self) -> tuple[list[Target], list[str]]:
+        """Every buildable target, and a note for each model/backend pair that is left out and why."""
+        if self._targets is None:
+            self._targets = self._list_targets()
+        return self._targets
+
+    def _list_targets(self) -> tuple[list[Target], list[str]]:
+        found, skipped = [], []
+        for backend_name in self.config.backends:
+            backend = backends.get(backend_name)
+            if not backend.installed():
+                skipped.append(f"{backend_name}: not installed (pip install 'phibuild[{backend.extra}]')")
+                continue
+            for model_name in self.config.models:
+                model = self.config.model(model_name)
+                arch = self.architecture(model)
+                for precision in self.config.precisions:
+                    params = backend.params(precision, self.config.overrides(backend_name, precision))
+                    reason = arch and backend.refuse(arch, precision, params)
+                    if reason:
+                        skipped.append(f"{model_name}-{precision}-{backend_name}: {reason}")
+                    else:
+                        found.append(Target(model, precision, backend, params))
+        return found, skipped
+
+    def target(self, name: str) -> Target:
+        """A target by its task name, or a clear error saying why there is none."""
+        found, skipped = self.targets()
+        for target in found:
+            if target.name == name:
+                return target
+        for note in skipped:
+            if note.startswith(f"{name}:"):
+                raise UnsupportedError(note)
+        raise PhibuildError(f"no target {name!r}; `doit list --all` shows them")
+
+    def architecture(self, model: ModelSpec) -> str | None:
+        """Known up front for catalog models, read from config.json for local ones; None if unknown yet."""
+        if model.architecture:
+            return model.architecture
+        if model.path is not None:
+            try:
+                return sources.architecture(model.path)
+            except SourceError:
+                return None
+        return None
+
+    def visible(self, target: Target) -> Path:
+        return self.root / self.config.build / target.name
+
+    # -- keys ------------------------------------------------------------------------------------
+
+    def plan(self, target: Target, fetch: bool = False) -> Plan:
+        """The target's cache key. A hub model pinned in the lock is not downloaded unless ``fetch``."""
+        model, entry = target.model, self.lock.get(target.name)
+        revision, source = None, None
+        if model.repo:
+            revision = self._pinned_revision(model, entry)
+            if fetch or revision is None or entry is None:
+                revision = revision or sources.resolve_revision(model)
+                source = sources.fetch(model, revision, self.store.statcache)
+                digest = source.digest
+            else:
+                digest = entry["source_digest"]
+        else:
+            source = sources.local_source(model, self.store.statcache)
+            digest = source.digest
+        backend = target.backend
+        parts = keys.components(digest, backend.name, backend.versions(), target.precision, target.params,
+                                backend.recipe)
+        return Plan(target, parts, keys.cache_key(parts), revision, source)
+
+    def _pinned_revision(self, model: ModelSpec, entry: dict | None) -> str | None:
+        if model.revision and FULL_SHA.match(model.revision):
+            return model.revision
+        if entry and entry.get("source") == self.origin(model) and entry.get("revision"):
+            return entry["revision"]
+        return None
+
+    def origin(self, model: ModelSpec) -> str:
+        if model.path is not None and not model.embedded:
+            path = model.path
+            return f"path:{path.relative_to(self.root) if path.is_relative_to(self.root) else path}"
+        return model.origin
+
+    # -- status ----------------------------------------------------------------------------------
+
+    def status(self, target: Target) -> str | None:
+        """None when the target is up to date, else the reason it is not (for ``doit info``)."""
+        entry = self.lock.get(target.name)
+        if entry is None:
+            return "not built yet: no entry in artifacts.lock"
+        if entry.get("source") != self.origin(target.model):
+            return f"model source changed: {entry.get('source')} -> {self.origin(target.model)}"
+        try:
+            plan = self.plan(target)
+        except PhibuildError as exc:
+            return str(exc)
+        changes = keys.explain(entry, plan.parts)
+        if changes:
+            return "cache key changed: " + "; ".join(changes)
+        if entry.get("key") != plan.key:
+            return "artifacts.lock entry has a different key (edited by hand?)"
+        stored = self.store.get(plan.key)
+        if stored is None:
+            return f"artifact {plan.key} is not in the store {self.store.root}"
+        damaged = self.store.damaged_files(stored, entry["files"])
+        if damaged:
+            return f"store files differ from artifacts.lock: {', '.join(damaged)}"
+        if not self.store.visible_matches(stored, self.visible(target)):
+            return f"{self.visible(target)} is missing or modified (restorable from the store)"
+        return None
+
+    # -- build -----------------------------------------------------------------------------------
+
+    def build(self, target: Target) -> str:
+        """Make the target fresh: restore from the store or build, show it, pin it. Returns what it did."""
+        plan = self.plan(target)
+        locked = self.lock.get(target.name)
+        if frozen():
+            self._check_frozen(target, locked, plan)
+        stored = self._intact(plan.key, target.name)
+        action = "restored from the store"
+        if stored is None:
+            if plan.source is None:  # pinned hub model: download it only now that it must be built
+                plan = self.plan(target, fetch=True)
+            stored = self._build_into_store(plan)
+            action = "built"
+        entry = self._lock_entry(plan, stored)
+        if frozen() and locked is not None and locked["files"] != entry["files"]:
+            changed = sorted(n for n in set(locked["files"]) | set(entry["files"])
+                             if locked["files"].get(n) != entry["files"].get(n))
+            raise LockError(
+                f"{target.name}: rebuilt with the locked key but the output differs in {', '.join(changed)}; "
+                "PHIBUILD_FROZEN is set, so artifacts.lock is left as it is"
+            )
+        how = self.store.link_visible(stored, self.visible(target), target.backend.unlinkable)
+        self.lock.put(target.name, entry)
+        return f"{action}; shown at {self.visible(target).relative_to(self.root)} by {how}"
+
+    def _intact(self, key: str, label: str) -> Entry | None:
+        """The store entry for ``key`` if it is complete and undamaged; a damaged one is removed."""
+        stored = self.store.get(key)
+        if stored is not None and self.store.damaged_files(stored):
+            print(f"phibuild: store entry {key} of {label} is damaged; rebuilding it", flush=True)
+            self.store.remove(key)
+            return None
+        return stored
+
+    def _check_frozen(self, target: Target, locked: dict | None, plan: Plan) -> None:
+        if locked is None:
+            raise LockError(f"{target.name}: not in artifacts.lock and PHIBUILD_FROZEN is set; "
+                            "build it without PHIBUILD_FROZEN and commit the lock")
+        changes = keys.explain(locked, plan.parts)
+        if changes:
+            raise LockError(f"{target.name}: artifacts.lock would change ({'; '.join(changes)}) and "
+                            "PHIBUILD_FROZEN is set; rebuild without it and commit the lock")
+
+    def _build_into_store(self, plan: Plan) -> Entry:
+        target, source = plan.target, plan.source
+        architecture = sources.architecture(source.directory)
+        reason = target.backend.refuse(architecture, target.precision, target.params)
+        if reason:
+            raise UnsupportedError(f"{target.name}: {reason}")
+        sources.check_checkpoint(source.directory)
+        intermediate = self._intermediate(plan)
+        shared = intermediate.artifact if intermediate else None
+
+        def make(output: Path) -> dict:
+            target.backend.build(source.directory, output, target.precision, target.params, shared)
+            smoke = target.backend.smoke(output, target.params)
+            print(f"phibuild: smoke check of {target.name}: {smoke.summary()}", flush=True)
+            return {"smoke": smoke.summary(), **({"intermediate": intermediate.key} if intermediate else {})}
+
+        with self.store.locked(plan.key):
+            return self._intact(plan.key, target.name) or self._seal(
+                plan.key, target.name, plan.parts, source, make, f"{target.backend.title} {target.precision}")
+
+    def _intermediate(self, plan: Plan) -> Entry | None:
+        """The backend's shared first step for this target, from the store or built into it now."""
+        target, backend = plan.target, plan.target.backend
+        params = backend.intermediate(target.precision, target.params)
+        if params is None:
+            return None
+        parts = keys.components(plan.parts["source"], f"{backend.name}-intermediate", plan.parts["versions"],
+                                "intermediate", params, backend.recipe)
+        key = keys.cache_key(parts)
+        label = f"{target.model.name}-{backend.name}-intermediate"
+        source = plan.source
+
+        def make(output: Path) -> dict:
+            backend.build_intermediate(source.directory, output, params)
+            return {}
+
+        with self.store.locked(key):
+            return self._intact(key, label) or self._seal(
+                key, label, parts, source, make, f"{backend.title} intermediate {params}")
+
+    def _seal(self, key: str, label: str, parts: dict, source: sources.Source, make, what: str) -> Entry:
+        """Run ``make(output)`` in a fresh build directory, verify, and publish the result under ``key``.
+
+        ``make`` returns extra manifest fields. Anything that fails leaves nothing in the store.
+        """
+        build_dir = self.store.new_build_dir()
+        try:
+            output = build_dir / "artifact"
+            output.mkdir()
+            print(f"phibuild: building {label}: {what} (key {key[:12]})", flush=True)
+            extra = make(output)
+            if sources.digest_directory(source.directory, self.store.statcache) != source.files:
+                raise BuildError(f"{label}: the source files changed during the build; build again")
+            files = self._digest_outputs(output)
+            manifest = {"key": key, "target": label, "parts": parts, "files": files, **extra}
+            entry = self.store.publish(build_dir, key, manifest)
+        except BaseException:
+            shutil.rmtree(build_dir, ignore_errors=True)
+            raise
+        for name, digest in files.items():  # just hashed by us: later checks need not read them again
+            self.store.statcache.record(entry.artifact / name, FileDigest(**digest))
+        return entry
+
+    def _digest_outputs(self, output: Path) -> dict[str, dict]:
+        files = {}
+        for path in sorted(p for p in output.rglob("*") if p.is_file()):
+            digest = self.store.statcache.digest(path, with_sha256=True)
+            files[path.relative_to(output).as_posix()] = {
+                "size": digest.size, "xxh3_128": digest.xxh3_128, "sha256": digest.sha256,
+            }
+        if not files:
+            raise BuildError(f"{output} is empty after the build")
+        return files
+
+    def _lock_entry(self, plan: Plan, stored: Entry) -> dict:
+        target = plan.target
+        entry = {
+            "model": target.model.name,
+            "source": self.origin(target.model),
+            "source_digest": plan.parts["source"],
+            "backend": target.backend.name,
+            "versions": plan.parts["versions"],
+            "precision": target.precision,
+            "params": plan.parts["params"],
+            "recipe": plan.parts["recipe"],
+            "key": plan.key,
+            "files": stored.files,
+            "smoke": stored.manifest["smoke"],
+        }
+        if stored.manifest.get("intermediate"):
+            entry["intermediate"] = stored.manifest["intermediate"]
+        if plan.revision:
+            entry["revision"] = plan.revision
+        return entry
+
+    def clean(self, target: Target) -> None:
+        """Remove the visible artifact; the store keeps it, so the next build restores it at once."""
+        visible = self.visible(target)
+        if visible.exists():
+            shutil.rmtree(visible)
+            print(f"phibuild: removed {visible.relative_to(self.root)} (kept in the store)")
+

@@ -1,0 +1,107 @@
+"""Shared helpers: throwaway phibuild projects, doit run in-process, reference logits from transformers.
+
+doit runs in this process (``run_doit``) so that torch and the backends are imported once per session and
+``phibuild.hashing.bytes_read`` shows what a run read; the few tests about processes (SIGKILL, ``doit -n``)
+start their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from doit.cmd_base import ModuleTaskLoader
+from doit.doit_cmd import DoitMain
+
+from phibuild import hashing, tasks
+from phibuild.catalog import EMBEDDED_DIR
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT = "<|user|>\nWhat does os.path.join do?<|end|>\n<|assistant|>\n"
+
+
+@dataclass
+class Run:
+    code: int
+    output: str
+    bytes_read: int
+
+    @property
+    def built(self) -> list[str]:
+        """Names of what this run built (targets and intermediates), in order."""
+        return re.findall(r"^phibuild: building (\S+):", self.output, re.MULTILINE)
+
+    @property
+    def restored(self) -> list[str]:
+        return re.findall(r"^phibuild: (\S+): restored from the store", self.output, re.MULTILINE)
+
+
+def write_project(root: Path, models: list[str], backends: list[str], precisions: list[str], *,
+                  local: dict[str, Path] | None = None, store: Path | None = None, extra: str = "") -> Path:
+    """A project directory whose ``pyproject.toml`` selects these models, backends and precisions.
+
+    ``local`` names models of the project's own (``[tool.phibuild.model.NAME] path = ...``); ``store``
+    points several projects at one store, so a key built by one is restored by the others.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    text = (
+        "[tool.phibuild]\n"
+        f"models = {json.dumps(models)}\n"
+        f"backends = {json.dumps(backends)}\n"
+        f"precisions = {json.dumps(precisions)}\n"
+    )
+    if store:
+        text += f"store = {json.dumps(str(store))}\n"
+    text += extra
+    for name, path in (local or {}).items():
+        text += f"\n[tool.phibuild.model.{name}]\npath = {json.dumps(str(path))}\n"
+    (root / "pyproject.toml").write_text(text)
+    return root
+
+
+def copy_model(name: str, destination: Path) -> Path:
+    """A writable copy of an embedded model, for tests that change its files."""
+    shutil.copytree(EMBEDDED_DIR / name, destination)
+    return destination
+
+
+def run_doit(root: Path, *args: str, capsys: pytest.CaptureFixture | None = None) -> Run:
+    """``doit ARGS`` in ``root`` in this process, as a fresh doit invocation would see the project."""
+    tasks.forget_projects()
+    before = hashing.bytes_read
+    with contextlib.chdir(root):
+        namespace = {"task_quantize": tasks.task_quantize, "DOIT_CONFIG": tasks.dodo_config(root)}
+        # doit's reporter defaults to the sys.stdout of import time; give it the current one (captured).
+        main = DoitMain(ModuleTaskLoader(namespace), extra_config={"run": {"outfile": sys.stdout}})
+        code = main.run(list(args)) or 0  # as the process exit status: `doit clean` returns None
+    captured = capsys.readouterr() if capsys else None
+    output = captured.out + captured.err if captured else ""
+    return Run(code, output, hashing.bytes_read - before)
+
+
+def doit_process(root: Path, *args: str, **kwargs) -> subprocess.Popen:
+    """``python -m doit ARGS`` as a separate process in ``root``, using the repository's dodo.py."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), "-d", str(root), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **kwargs)
+
+
+def reference_logits(model_dir: Path, prompt: str = PROMPT):
+    """Next-token logits of the Hugging Face checkpoint in float32, as the ground truth for exports."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits[0, -1]
+    return ids[0].tolist(), logits.numpy()

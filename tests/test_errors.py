@@ -1,0 +1,96 @@
+"""Bad input gets one clear message, and nothing is written to the store or the lock."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import copy_model, run_doit, write_project
+
+
+def assert_nothing_written(root: Path) -> None:
+    assert not list((root / ".phibuild").glob("objects/*/*"))
+    assert not (root / "artifacts.lock").exists()
+    assert not (root / "build").exists()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"models": ["phi9-giant"]}, "unknown model 'phi9-giant'. Known models: "),
+        ({"precisions": ["int3"]}, "unknown precision int3; choose from int4, int8, fp16, fp32"),
+        ({"backends": ["tensorrt"]}, "unknown backend 'tensorrt'; phibuild has onnx"),
+        ({"extra": "[tool.phibuild.params.onnx.int4]\nblock = 64\n"},
+         "backend onnx at int4 has no parameter block; its parameters are accuracy_level, algo_config, block_size"),
+        ({"extra": "[tool.phibuild.params.onnx.int4]\nblock_size = 48\n"}, "left out: phi3-tiny-int4-onnx: "
+         "block_size must be 16, 32, 64, 128 or 256, not 48"),
+        ({"extra": "[tool.phibuild.model.mine]\nrepo = 'me/mine'\npath = 'x'\n"}, "needs exactly one of path or repo"),
+        ({"extra": "colour = 'blue'\n"}, "unknown [tool.phibuild] keys colour"),
+    ],
+)
+def test_bad_settings_are_one_clear_error(tmp_path, capsys, settings, message):
+    root = write_project(tmp_path, settings.get("models", ["phi3-tiny"]), settings.get("backends", ["onnx"]),
+                         settings.get("precisions", ["int4"]), extra=settings.get("extra", ""))
+    listed = run_doit(root, "list", capsys=capsys)
+    assert message in listed.output
+    assert "Traceback" not in listed.output
+    built = run_doit(root, capsys=capsys)
+    assert "Traceback" not in built.output
+    assert_nothing_written(root)
+
+
+def _broken_model(kind: str, where: Path) -> Path:
+    model = copy_model("phi3-tiny", where)
+    weights = model / "model.safetensors"
+    if kind == "missing weights":
+        weights.unlink()
+    elif kind == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:-1000])
+    elif kind == "not a model":
+        shutil.rmtree(model)
+        model.mkdir()
+        (model / "notes.txt").write_text("my holiday pictures")
+    elif kind == "config without architectures":
+        (model / "config.json").write_text(json.dumps({"model_type": "phi3"}))
+    elif kind == "garbage weights":
+        weights.write_bytes(b"\xff" * 4096)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("missing weights", "has no *.safetensors weights"),
+        ("truncated weights", "model.safetensors is truncated or padded: its header describes"),
+        ("not a model", "is not a Hugging Face model directory: it has no config.json"),
+        ("config without architectures", "config.json names no architectures"),
+        ("garbage weights", "model.safetensors is not a safetensors file or is truncated"),
+    ],
+)
+def test_broken_model_fails_its_task_with_the_reason(tmp_path, capsys, kind, message):
+    model = _broken_model(kind, tmp_path / "mine")
+    root = write_project(tmp_path / "p", ["mine"], ["onnx"], ["int4"], local={"mine": model})
+    run = run_doit(root, "quantize:mine-int4-onnx", capsys=capsys)
+    assert run.code != 0
+    assert message in run.output
+    assert run.built == []
+    assert "Traceback" not in run.output
+    assert_nothing_written(root)
+
+
+def test_missing_model_directory(tmp_path, capsys):
+    root = write_project(tmp_path, ["mine"], ["onnx"], ["int4"], local={"mine": tmp_path / "nowhere"})
+    run = run_doit(root, "quantize:mine-int4-onnx", capsys=capsys)
+    assert run.code != 0
+    assert f"model directory {tmp_path / 'nowhere'} does not exist" in run.output
+    assert_nothing_written(root)
+
+
+def test_unknown_target_names_the_list_command(tmp_path, capsys):
+    root = write_project(tmp_path, ["phi3-tiny"], ["onnx"], ["int4"])
+    run = run_doit(root, "quantize:phi3-tiny-int2-onnx", capsys=capsys)
+    assert run.code != 0
+    assert "quantize:phi3-tiny-int2-onnx" in run.output
+    assert_nothing_written(root)

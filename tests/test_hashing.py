@@ -1,0 +1,68 @@
+"""Digests and the stat cache: an unchanged file is never read twice, a touched one is read once."""
+
+import hashlib
+import os
+import time
+
+import xxhash
+
+from phibuild import hashing
+from phibuild.hashing import StatCache, digest_tree, hash_file
+
+
+def _old_file(path, data: bytes):
+    """A file whose mtime is well in the past, so the stat cache may trust it (see RACY_SECONDS)."""
+    path.write_bytes(data)
+    past = time.time() - 60
+    os.utime(path, (past, past))
+    return path
+
+
+def test_hash_file_gives_xxh3_128_and_sha256_in_one_pass(tmp_path):
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    digest = hash_file(_old_file(tmp_path / "w.bin", data), with_sha256=True)
+    assert digest.size == len(data)
+    assert digest.xxh3_128 == xxhash.xxh3_128_hexdigest(data)
+    assert digest.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_unchanged_file_is_read_once_and_a_touched_one_once_more(tmp_path):
+    cache = StatCache(tmp_path / "cache.sqlite")
+    path = _old_file(tmp_path / "w.bin", os.urandom(100_000))
+    before = hashing.bytes_read
+    first = cache.digest(path)
+    assert hashing.bytes_read - before == 100_000
+    assert cache.digest(path) == first
+    assert StatCache(tmp_path / "cache.sqlite").digest(path) == first  # persists across processes
+    assert hashing.bytes_read - before == 100_000
+
+    os.utime(path, (time.time() - 30, time.time() - 30))  # touched: same bytes, new mtime
+    assert cache.digest(path).xxh3_128 == first.xxh3_128
+    assert cache.digest(path).xxh3_128 == first.xxh3_128
+    assert hashing.bytes_read - before == 200_000
+
+
+def test_a_changed_file_gets_a_new_digest(tmp_path):
+    cache = StatCache(tmp_path / "cache.sqlite")
+    path = _old_file(tmp_path / "w.bin", b"a" * 1000)
+    first = cache.digest(path)
+    _old_file(path, b"a" * 999 + b"b")
+    assert cache.digest(path).xxh3_128 != first.xxh3_128
+
+
+def test_a_file_written_just_now_is_not_trusted_by_stat(tmp_path):
+    """A write in the same clock tick as the hash could leave the stat unchanged: such files are re-read."""
+    cache = StatCache(tmp_path / "cache.sqlite")
+    path = tmp_path / "fresh.bin"
+    path.write_bytes(b"x" * 1000)
+    before = hashing.bytes_read
+    cache.digest(path)
+    cache.digest(path)
+    assert hashing.bytes_read - before == 2000
+
+
+def test_tree_digest_ignores_listing_order():
+    files = {"b/model.safetensors": "1" * 32, "config.json": "2" * 32, "a.json": "3" * 32}
+    assert digest_tree(files) == digest_tree(dict(reversed(list(files.items()))))
+    assert digest_tree(files) != digest_tree({**files, "a.json": "4" * 32})
+    assert digest_tree(files) != digest_tree({"renamed.json" if k == "a.json" else k: v for k, v in files.items()})

@@ -1,0 +1,83 @@
+"""The content-addressed store: atomic publish, read-only entries, visible copies, damage detection."""
+
+import os
+import subprocess
+import sys
+
+from phibuild import hashing
+from phibuild.hashing import hash_file
+from phibuild.store import Store
+
+
+def _publish(store: Store, key: str, files: dict[str, bytes]):
+    build = store.new_build_dir()
+    (build / "artifact").mkdir()
+    digests = {}
+    for name, data in files.items():
+        path = build / "artifact" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        d = hash_file(path, with_sha256=True)
+        digests[name] = {"size": d.size, "xxh3_128": d.xxh3_128, "sha256": d.sha256}
+    return store.publish(build, key, {"files": digests})
+
+
+def test_publish_moves_a_sealed_read_only_entry_under_its_key(tmp_path):
+    store = Store(tmp_path / "store")
+    entry = _publish(store, "ab" * 16, {"model.bin": b"weights", "sub/tok.json": b"{}"})
+    assert entry.directory == tmp_path / "store" / "objects" / "ab" / ("ab" * 16)
+    assert (entry.artifact / "sub" / "tok.json").read_bytes() == b"{}"
+    assert oct((entry.artifact / "model.bin").stat().st_mode & 0o777) == "0o444"
+    assert list((tmp_path / "store" / "tmp").iterdir()) == []
+    assert store.get("ab" * 16).files == entry.files
+    assert store.get("cd" * 16) is None
+
+
+def test_second_publish_of_a_key_keeps_the_first(tmp_path):
+    store = Store(tmp_path / "store")
+    first = _publish(store, "ab" * 16, {"model.bin": b"one"})
+    second = _publish(store, "ab" * 16, {"model.bin": b"one"})
+    assert second.files == first.files
+    assert list((tmp_path / "store" / "tmp").iterdir()) == []
+
+
+def test_visible_copy_links_files_and_is_checked_without_reading(tmp_path):
+    store = Store(tmp_path / "store")
+    entry = _publish(store, "ab" * 16, {"model.bin": b"w" * 5000, "model.onnx.data": b"d" * 5000})
+    visible = tmp_path / "build" / "t"
+    how = store.link_visible(entry, visible, unlinkable=("*.onnx.data",))
+    assert how == "copy"  # ext4 has no reflink: the unlinkable file is copied
+    assert (visible / "model.bin").stat().st_ino == (entry.artifact / "model.bin").stat().st_ino
+    assert (visible / "model.onnx.data").stat().st_nlink == 1
+    before = hashing.bytes_read
+    assert store.visible_matches(entry, visible)
+    assert hashing.bytes_read == before
+
+    os.chmod(visible / "model.onnx.data", 0o644)
+    (visible / "model.onnx.data").write_bytes(b"x" * 5000)
+    assert not store.visible_matches(entry, visible)
+    store.link_visible(entry, visible, unlinkable=("*.onnx.data",))  # repaired in place by rename
+    assert store.visible_matches(entry, visible)
+    assert [p.name for p in visible.parent.iterdir()] == ["t"]
+
+
+def test_damaged_store_file_is_found(tmp_path):
+    store = Store(tmp_path / "store")
+    entry = _publish(store, "ab" * 16, {"model.bin": b"w" * 5000, "config.json": b"{}"})
+    assert store.damaged_files(entry) == []
+    path = entry.artifact / "model.bin"
+    os.chmod(path, 0o644)
+    path.write_bytes(b"w" * 4999 + b"x")
+    (entry.artifact / "config.json").unlink()
+    assert store.damaged_files(entry) == ["config.json", "model.bin"]
+
+
+def test_left_overs_of_dead_builds_are_removed(tmp_path):
+    store = Store(tmp_path / "store")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / "store" / "tmp" / f"{dead.stdout.strip()}-abc"
+    (stale / "artifact").mkdir(parents=True)
+    (stale / "artifact" / "half.bin").write_bytes(b"half")
+    mine = store.new_build_dir()
+    assert not stale.exists()
+    assert mine.exists() and mine.name.startswith(f"{os.getpid()}-")

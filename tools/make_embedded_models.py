@@ -1,0 +1,291 @@
+"""Make the small Phi-architecture models that ship inside phibuild (``phibuild/embedded/``).
+
+Each model copies one Phi family's shape at a tiny size: its tokenizer kind, rope scaling, attention
+layout and embedding tying, with hidden and intermediate sizes that are multiples of 256 so that
+llama.cpp k-quants apply. Each is trained briefly on ``tools/corpus.txt`` so that its predictions are
+far from uniform and quantization error is measurable.
+
+Deterministic: fixed seeds, one thread, no shuffling by wall clock. Run from the repository root:
+
+    python tools/make_embedded_models.py            # all models
+    python tools/make_embedded_models.py phi3-tiny  # one model
+
+Needs torch, transformers, tokenizers and sentencepiece (``pip install -e ".[onnx]"`` has them).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+from safetensors.torch import save_file
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT / "tools" / "corpus.txt"
+OUT = ROOT / "phibuild" / "embedded"
+
+# Phi-3 / 3.5: Llama SentencePiece pieces, then these added tokens from id len(pieces) on.
+PHI3_ADDED = [
+    "<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
+    "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>",
+]
+PHI3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' and message['content'] %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+# Phi-4-mini: byte-level BPE with the o200k (gpt-4o) pre-tokenizer; <|endoftext|> closes the merges,
+# the chat tokens follow it.
+PHI4_ADDED = [
+    "<|endofprompt|>", "<|assistant|>", "<|end|>", "<|user|>", "<|system|>", "<|tool|>", "<|/tool|>",
+    "<|tool_call|>", "<|/tool_call|>", "<|tool_response|>", "<|tag|>",
+]
+O200K_PATTERN = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+PHI4_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' and 'tools' in message and message['tools'] is not none %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + message['tools'] + '<|/tool|>' + '<|end|>' }}"
+    "{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One embedded model: the Phi family it imitates and its tiny dimensions."""
+
+    name: str
+    imitates: str
+    tokenizer: str  # "spm" (Phi-3/3.5) or "bpe" (Phi-4 family)
+    heads: int
+    kv_heads: int
+    longrope: bool
+    partial_rotary: float = 1.0
+    tied: bool = False
+    sliding_window: int | None = None
+    hidden: int = 256
+    intermediate: int = 512
+    layers: int = 2
+    # Embedding rows; the tokenizer has fewer entries, as in the real models (32064 rows, 32011 tokens).
+    # Not 1024: the ONNX Runtime GenAI builder takes any Linear with vocab_size outputs for the LM head,
+    # and gate_up_proj has 2 * intermediate = 1024.
+    vocab: int = 1088
+    pieces: int = 960  # tokens learned from the corpus
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+SHAPES = [
+    Shape("phi3-tiny", "microsoft/Phi-3-mini-4k-instruct", "spm", heads=4, kv_heads=4, longrope=False,
+          sliding_window=2047, seed=3),
+    Shape("phi35-tiny", "microsoft/Phi-3.5-mini-instruct", "spm", heads=4, kv_heads=4, longrope=True,
+          sliding_window=262144, seed=35),
+    Shape("phi4-mini-tiny", "microsoft/Phi-4-mini-instruct", "bpe", heads=4, kv_heads=2, longrope=True,
+          partial_rotary=0.75, tied=True, sliding_window=262144, seed=4),
+]
+
+
+def corpus_lines() -> list[str]:
+    """The corpus without its chat markers, one non-empty line each, for tokenizer training."""
+    plain = re.sub(r"<\|[a-z_/]+\|>", "", CORPUS.read_text())
+    return [line for line in plain.split("\n") if line.strip()]
+
+
+def make_spm_tokenizer(shape: Shape, out: Path) -> None:
+    """A Llama-style SentencePiece BPE (byte fallback, dummy prefix) plus Phi-3's added tokens."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus_lines()), model_writer=model, model_type="bpe",
+        vocab_size=shape.pieces, byte_fallback=True, character_coverage=1.0, split_digits=True,
+        allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2,
+        pad_id=-1, num_threads=1, shuffle_input_sentence=False, minloglevel=2,
+    )
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "legacy": False,
+        "add_bos_token": False, "add_eos_token": False,
+    }))
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.add_special_tokens({"additional_special_tokens": PHI3_ADDED})
+    tokenizer.eos_token = tokenizer.pad_token = "<|endoftext|>"
+    tokenizer.chat_template = PHI3_CHAT_TEMPLATE
+    tokenizer.model_max_length = 131072 if shape.longrope else 4096
+    tokenizer.padding_side = "left"
+    tokenizer.save_pretrained(out)
+    # Lay tokenizer.json out as Phi-3's own: a legacy Llama normalizer (so every text segment, also one
+    # after a special token, gets the "▁" prefix, as ONNX Runtime GenAI and llama.cpp expect) and
+    # rstrip on the chat tokens after <|endoftext|>.
+    path = out / "tokenizer.json"
+    spec = json.loads(path.read_text())
+    spec["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"},
+        {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+    ]}
+    spec["pre_tokenizer"] = None
+    first_chat_token = tokenizer.convert_tokens_to_ids("<|endoftext|>") + 1
+    for token in spec["added_tokens"]:
+        token["rstrip"] = token["id"] >= first_chat_token
+    path.write_text(json.dumps(spec, indent=2, ensure_ascii=False) + "\n")
+
+
+def make_bpe_tokenizer(shape: Shape, out: Path) -> None:
+    """A GPT-2-style byte-level BPE with the o200k split, plus Phi-4-mini's special tokens."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(O200K_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=shape.pieces - 1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False, special_tokens=[],
+    )
+    tokenizer.train_from_iterator(corpus_lines(), trainer=trainer)
+    tokenizer.add_special_tokens(["<|endoftext|>", *PHI4_ADDED])
+    tokenizer.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer"}))
+    hf = AutoTokenizer.from_pretrained(out)
+    hf.bos_token = hf.eos_token = hf.unk_token = hf.pad_token = "<|endoftext|>"
+    hf.add_bos_token = False
+    hf.chat_template = PHI4_CHAT_TEMPLATE
+    hf.model_max_length = 131072
+    hf.save_pretrained(out)
+
+
+def rope_factors(count: int, top: float, power: float, start: float = 1.0) -> list[float]:
+    """Smooth, increasing per-dimension longrope factors from ``start`` to ``top`` (float32-exact)."""
+    values = [start * (top / start) ** ((i / (count - 1)) ** power) for i in range(count)]
+    return [float(torch.tensor(v, dtype=torch.float32)) for v in values]
+
+
+def hub_config(shape: Shape, tokenizer) -> dict:
+    """config.json as the hub's Phi checkpoints write it (``rope_scaling``, ``rope_theta``)."""
+    head_dim = shape.hidden // shape.heads
+    rotary_half = int(head_dim * shape.partial_rotary) // 2
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    config = {
+        "architectures": ["Phi3ForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": tokenizer.convert_tokens_to_ids("<s>") if shape.tokenizer == "spm" else eos,
+        "embd_pdrop": 0.0,
+        "eos_token_id": eos,
+        "hidden_act": "silu",
+        "hidden_size": shape.hidden,
+        "initializer_range": 0.02,
+        "intermediate_size": shape.intermediate,
+        "max_position_embeddings": 131072 if shape.longrope else 4096,
+        "model_type": "phi3",
+        "num_attention_heads": shape.heads,
+        "num_hidden_layers": shape.layers,
+        "num_key_value_heads": shape.kv_heads,
+        "original_max_position_embeddings": 4096,
+        "pad_token_id": eos,
+        "resid_pdrop": 0.0,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": None,
+        "rope_theta": 10000.0,
+        "sliding_window": shape.sliding_window,
+        "tie_word_embeddings": shape.tied,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "vocab_size": shape.vocab,
+    }
+    if shape.partial_rotary != 1.0:
+        config["partial_rotary_factor"] = shape.partial_rotary
+    if shape.longrope:
+        config["rope_scaling"] = {
+            "long_factor": rope_factors(rotary_half, top=40.0, power=1.5, start=1.08),
+            "short_factor": rope_factors(rotary_half, top=2.0, power=2.0),
+            "type": "longrope",
+        }
+    return config
+
+
+def token_stream(shape: Shape, tokenizer) -> torch.Tensor:
+    """The whole corpus as one id stream, its chat turns in the family's own format (the corpus is
+    written in Phi-3's; Phi-4-mini puts no newline after the role and end markers)."""
+    text = CORPUS.read_text()
+    if shape.tokenizer == "bpe":
+        text = re.sub(r"(<\|(?:user|assistant|end)\|>)\n", r"\1", text)
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def train(shape: Shape, config: dict, ids: torch.Tensor, steps: int = 400) -> Phi3ForCausalLM:
+    """A few hundred AdamW steps of next-token prediction: enough to move far from uniform."""
+    torch.manual_seed(shape.seed)
+    model = Phi3ForCausalLM(Phi3Config(**{k: v for k, v in config.items() if k != "torch_dtype"}))
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    seq, batch = 128, 16
+    generator = torch.Generator().manual_seed(shape.seed)
+    for step in range(steps):
+        lr = 3e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        starts = torch.randint(0, len(ids) - seq - 1, (batch,), generator=generator)
+        x = torch.stack([ids[s : s + seq] for s in starts])
+        loss = model(input_ids=x, labels=x).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"  {shape.name} step {step:4d} loss {loss.item():.3f}", flush=True)
+    return model.eval()
+
+
+def save_weights(model: Phi3ForCausalLM, shape: Shape, out: Path) -> None:
+    """bfloat16 safetensors in the hub's tensor names; a tied model has no lm_head tensor."""
+    state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    if shape.tied:
+        state.pop("lm_head.weight", None)
+    save_file(dict(sorted(state.items())), out / "model.safetensors", metadata={"format": "pt"})
+    (out / "model.safetensors").chmod(0o644)
+
+
+def make(shape: Shape) -> None:
+    out = OUT / shape.name
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    (make_spm_tokenizer if shape.tokenizer == "spm" else make_bpe_tokenizer)(shape, out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    config = hub_config(shape, tokenizer)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    stops = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|assistant|>", "<|end|>")]
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": config["bos_token_id"], "eos_token_id": stops, "pad_token_id": stops[0]},
+        indent=2, sort_keys=True) + "\n")
+    model = train(shape, config, token_stream(shape, tokenizer))
+    save_weights(model, shape, out)
+
+
+def main(names: list[str]) -> None:
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    for shape in SHAPES:
+        if not names or shape.name in names:
+            print(f"making {shape.name} (shape of {shape.imitates})", flush=True)
+            make(shape)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
