@@ -168,6 +168,11 @@ def make_bpe_tokenizer(shape: Shape, out: Path) -> None:
     hf.chat_template = PHI4_CHAT_TEMPLATE
     hf.model_max_length = 131072
     hf.save_pretrained(out)
+    # Loaded without a config.json, the GPT2Tokenizer class swapped in GPT-2's own split: put o200k back.
+    path = out / "tokenizer.json"
+    spec = json.loads(path.read_text())
+    spec["pre_tokenizer"] = json.loads(tokenizer.to_str())["pre_tokenizer"]
+    path.write_text(json.dumps(spec, indent=2, ensure_ascii=False) + "\n")
 
 
 def rope_factors(count: int, top: float, power: float, start: float = 1.0) -> list[float]:
@@ -274,6 +279,9 @@ def make(shape: Shape) -> None:
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": config["bos_token_id"], "eos_token_id": stops, "pad_token_id": stops[0]},
         indent=2, sort_keys=True) + "\n")
+    # Train on the tokenizer as users load it: beside config.json. Without one, transformers 5 takes
+    # tokenizer_class GPT2Tokenizer at its word and rebuilds GPT-2's own split, not tokenizer.json's.
+    tokenizer = AutoTokenizer.from_pretrained(out)
     model = train(shape, config, token_stream(shape, tokenizer))
     save_weights(model, shape, out)
 
