@@ -36,6 +36,9 @@ SMOKE_TOKENS = 8
 
 MODULES = {
     "onnx": "phibuild.backends.onnx",
+    "gguf": "phibuild.backends.gguf",
+    "openvino": "phibuild.backends.openvino",
+    "mlx": "phibuild.backends.mlx",
 }
 
 

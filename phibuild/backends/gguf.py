@@ -1,0 +1,130 @@
+"""llama.cpp GGUF: our converter (``phibuild.hf_to_gguf``) writes one F16 (or F32, BF16) GGUF per model,
+shared by every precision; llama.cpp's quantizer, through llama-cpp-python, makes the quantized ones.
+
+A precision's ``type`` is the llama.cpp file type it ends as, ``base`` the converter output it starts
+from. When the two agree (fp16 from f16, fp32 from f32) the artifact is the shared conversion itself,
+hardlinked. ``base = "q8_0"`` asks the converter for Q8_0 straight from the checkpoint (one rounding
+instead of two), and then builds only type Q8_0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..errors import BuildError
+from . import SMOKE_MESSAGES, SMOKE_TOKENS, Backend, Smoke
+
+MODEL = "model.gguf"
+BASES = ("f16", "f32", "bf16", "q8_0")
+# llama.cpp file types that quantize without an importance matrix (the IQ1/IQ2/IQ3 ones need one).
+TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1",
+         "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "IQ4_NL", "IQ4_XS")
+
+
+class GgufBackend(Backend):
+    name = "gguf"
+    title = "llama.cpp GGUF"
+    extra = "gguf"
+    packages = ("llama-cpp-python", "gguf", "numpy", "sentencepiece")
+    architectures = frozenset({"Phi3ForCausalLM", "PhiMoEForCausalLM", "PhimoeForCausalLM"})
+    precisions: ClassVar[dict[str, dict[str, Any]]] = {
+        "int4": {"type": "Q4_K_M", "base": "f16"},
+        "int8": {"type": "Q8_0", "base": "f16"},
+        "fp16": {"type": "F16", "base": "f16"},
+        "fp32": {"type": "F32", "base": "f32"},
+    }
+
+    def refuse(self, architecture: str, precision: str, params: dict[str, Any]) -> str | None:
+        if architecture == "Phi3SmallForCausalLM":
+            return ("llama.cpp has no architecture for Phi-3-small (blocksparse attention, tiktoken tokenizer); "
+                    "build it with the onnx or mlx backend")
+        reason = super().refuse(architecture, precision, params)
+        if reason:
+            return reason
+        kind, base = params["type"], params["base"]
+        if kind not in TYPES:
+            return f"unknown llama.cpp type {kind!r}; choose one of {', '.join(TYPES)}"
+        if base not in BASES:
+            return f"base must be one of {', '.join(BASES)} (the converter's output), not {base!r}"
+        if base == "q8_0" and kind != "Q8_0":
+            return f"base q8_0 is already quantized; it builds only type Q8_0, not {kind}"
+        return None
+
+    def intermediate(self, precision: str, params: dict[str, Any]) -> dict[str, Any]:
+        return {"outtype": params["base"]}
+
+    def build_intermediate(self, source: Path, output: Path, params: dict[str, Any]) -> None:
+        from ..hf_to_gguf import convert
+
+        convert(source, output / MODEL, params["outtype"])
+
+    def build(self, source: Path, output: Path, precision: str, params: dict[str, Any],
+              intermediate: Path | None) -> None:
+        converted = intermediate / MODEL
+        if params["type"].lower() == params["base"]:
+            _link(converted, output / MODEL)
+        else:
+            quantize(converted, output / MODEL, params["type"], os.cpu_count() or 1)
+
+    def smoke(self, artifact: Path, params: dict[str, Any]) -> Smoke:
+        """Greedy tokens from the Phi chat prompt, laid out by the GGUF's own chat template."""
+        import llama_cpp
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        path = artifact / MODEL
+        with contextlib.closing(llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, verbose=False)) as llm:
+            template = llm.metadata.get("tokenizer.chat_template")
+            if not template:
+                raise BuildError(f"{path} has no chat template to build the smoke prompt with")
+            chat = Jinja2ChatFormatter(template, eos_token=_text(llm, llm.token_eos()),
+                                       bos_token=_text(llm, llm.token_bos()))
+            prompt = llm.tokenize(chat(messages=SMOKE_MESSAGES).prompt.encode(), add_bos=True, special=True)
+            vocab = llama_cpp.llama_model_get_vocab(llm.model)
+            tokens = []
+            for token in llm.generate(prompt, temp=0.0):  # temperature 0: greedy
+                tokens.append(token)
+                if len(tokens) == SMOKE_TOKENS or llama_cpp.llama_vocab_is_eog(vocab, token):
+                    break
+            text = llm.detokenize(tokens).decode("utf-8", errors="replace")
+        return Smoke(True, f"{len(tokens)} tokens from a Phi chat prompt: {text!r}", tuple(tokens))
+
+
+def quantize(source: Path, output: Path, kind: str, threads: int) -> None:
+    """llama.cpp's ``llama_model_quantize`` of ``source`` to file type ``kind``. Each row is quantized
+    on its own, so the bytes do not depend on ``threads``."""
+    import gguf
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = threads
+    params.ftype = gguf.LlamaFileType["ALL_F32" if kind == "F32" else f"MOSTLY_{kind}"]
+    logger = logging.getLogger("llama-cpp-python")  # where llama-cpp-python sends llama.cpp's log
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # a line per tensor otherwise; errors still show
+    try:
+        code = llama_cpp.llama_model_quantize(str(source).encode(), str(output).encode(), ctypes.byref(params))
+    finally:
+        logger.setLevel(level)
+    if code != 0 or not output.is_file():
+        raise BuildError(f"llama.cpp could not quantize {source} to {kind} (llama_model_quantize returned {code})")
+
+
+def _text(llm, token: int) -> str:
+    return llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+
+def _link(source: Path, target: Path) -> None:
+    """The shared conversion is the artifact: hardlink it (both are read-only store files), else copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+BACKEND = GgufBackend

@@ -1,0 +1,260 @@
+"""MLX through mlx-lm: ``mlx_lm.convert`` run in-process on a local view of the checkpoint.
+
+int4 and int8 are mlx-lm's weight quantization: ``bits`` (int4: 2-6, int8: 8), ``group_size`` (32, 64 or
+128) and ``mode`` (affine, or the fixed-shape float formats mxfp4 and nvfp4 at int4, mxfp8 at int8). At int4,
+``recipe`` picks one of mlx-lm's mixed-bit recipes (mixed_2_6, mixed_3_4, mixed_3_6, mixed_4_6), which give
+each layer its bits. ``dtype`` is what unquantized tensors and quantization scales are stored in: ``auto``
+keeps the checkpoint's own (bfloat16 for Phi), as ``mlx_lm.convert`` does; float16 scales are markedly more
+accurate at int8. fp16 may be float16 or bfloat16. As in mlx-lm, a layer whose input width is not a
+multiple of the group size stays unquantized (the embedded models, 256 and 512 wide, are quantized whole).
+
+mlx-lm reads only the checkpoint files phibuild hashes, linked into a scratch directory, so it never
+resolves a hub id. Checkpoints saved by transformers 5 keep RoPE settings only in ``rope_parameters``,
+which mlx-lm 0.31's Phi models ignore (plain RoPE at theta 10000, silently): the staged config.json gets
+them at the top level too. Two builds write the same bytes: nothing in them depends on time, paths or the
+process, and mlx-lm sorts config.json. mlx-lm's README.md, a blank hub model card, is dropped. The
+tokenizer files are transformers' re-serialization (``TokenizersBackend``, no ``tokenizer.model``), so
+transformers and tokenizers are in the key.
+
+What mlx-lm 0.31 runs differently from transformers, with exact weights: LongRoPE (Phi-3.5, Phi-3 128k,
+Phi-4-mini) uses ``long_factor`` at every position, where transformers uses ``short_factor`` up to
+``original_max_position_embeddings``; Phi-3.5-MoE routes with a softmax over the top-2 gate logits, not
+sparsemixer. Phi-3-small is refused: mlx-lm before 0.32.2 crashes running it. On mlx's CPU backend, MoE
+models in 16 bits cannot run (float32-only gather_mm), so their smoke check says it did not run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import importlib.util
+import io
+import itertools
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .. import sources
+from ..errors import BuildError
+from . import SMOKE_MESSAGES, SMOKE_TOKENS, Backend, Smoke
+
+# The mlx-lm model module each architecture needs (mlx_lm/models/<type>.py).
+MODEL_TYPES = {
+    "Phi3ForCausalLM": "phi3",
+    "PhiMoEForCausalLM": "phimoe",
+    "PhimoeForCausalLM": "phimoe",  # transformers' own spelling of Phi-3.5-MoE
+    "Phi3SmallForCausalLM": "phi3small",
+}
+# Models an mlx-lm release ships but cannot run: model type -> (first release that can, why not).
+BROKEN_BEFORE = {
+    "phi3small": ((0, 32, 2), "its forward pass masks the dummy token ids on the batch axis, an out-of-bounds "
+                  "write (a segmentation fault on the CPU)"),
+}
+BITS = {"int4": (2, 3, 4, 5, 6), "int8": (8,)}
+GROUP_SIZES = (32, 64, 128)
+# Float formats have one shape each: (bits, group_size).
+FLOAT_MODES = {"mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}
+# mlx-lm's mixed recipes, and the bits they give a layer: (low, high).
+RECIPES = {"mixed_2_6": (2, 6), "mixed_3_4": (3, 4), "mixed_3_6": (3, 6), "mixed_4_6": (4, 6)}
+DTYPES = {"int4": ("auto", "float16", "bfloat16", "float32"), "int8": ("auto", "float16", "bfloat16", "float32"),
+          "fp16": ("float16", "bfloat16"), "fp32": ("float32",)}
+QUANTIZED = {"group_size": 64, "mode": "affine", "recipe": "none", "dtype": "auto", "trust_remote_code": False}
+
+
+class MlxBackend(Backend):
+    name = "mlx"
+    title = "MLX (mlx-lm)"
+    extra = "mlx"
+    packages = ("mlx", "mlx-lm", "transformers", "tokenizers")
+    architectures = frozenset(MODEL_TYPES)
+    precisions: ClassVar[dict[str, dict[str, Any]]] = {
+        "int4": {"bits": 4, **QUANTIZED},
+        "int8": {"bits": 8, **QUANTIZED},
+        "fp16": {"dtype": "float16", "trust_remote_code": False},
+        "fp32": {"dtype": "float32", "trust_remote_code": False},
+    }
+
+    def refuse(self, architecture: str, precision: str, params: dict[str, Any]) -> str | None:
+        reason = super().refuse(architecture, precision, params)
+        if reason:
+            return reason
+        model_type = MODEL_TYPES[architecture]
+        if not _has_model(model_type):
+            return f"the installed mlx-lm has no {model_type} model (mlx_lm/models/{model_type}.py); upgrade mlx-lm"
+        if model_type in BROKEN_BEFORE:
+            fixed, why = BROKEN_BEFORE[model_type]
+            installed = importlib.metadata.version("mlx-lm")
+            if _release(installed) < fixed:
+                return (f"mlx-lm {installed} converts {architecture} but cannot run it: {why}; "
+                        f"mlx-lm {'.'.join(map(str, fixed))} fixes it")
+        if params["dtype"] not in DTYPES[precision]:
+            return f"dtype at {precision} must be one of {', '.join(DTYPES[precision])}, not {params['dtype']!r}"
+        if "bits" in params:
+            return _refuse_quantization(precision, params)
+        return None
+
+    def build(self, source: Path, output: Path, precision: str, params: dict[str, Any],
+              intermediate: Path | None) -> None:
+        from mlx_lm import convert
+
+        staged, converted = output.parent / "mlx-source", output.parent / "mlx-output"
+        _stage(source, staged)
+        options = dict(dtype=_dtype(source, params["dtype"]), trust_remote_code=params["trust_remote_code"])
+        if "bits" in params:
+            recipe = params["recipe"]
+            options.update(quantize=True, q_bits=params["bits"], q_group_size=params["group_size"],
+                           q_mode=params["mode"], quant_predicate=None if recipe == "none" else recipe)
+        log = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(log):
+                convert(hf_path=str(staged), mlx_path=str(converted), **options)
+        except Exception as exc:
+            sys.stderr.write(log.getvalue())
+            raise BuildError(f"mlx_lm.convert failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        try:
+            (converted / "README.md").unlink(missing_ok=True)
+            for path in converted.iterdir():
+                path.rename(output / path.name)
+        finally:
+            shutil.rmtree(converted, ignore_errors=True)
+        if not (output / "config.json").is_file() or not list(output.glob("model*.safetensors")):
+            raise BuildError(f"mlx_lm.convert wrote no config.json or model*.safetensors in {output}")
+
+    def smoke(self, artifact: Path, params: dict[str, Any]) -> Smoke:
+        import mlx.core as mx
+        from mlx_lm import load
+        from mlx_lm.generate import generate_step
+
+        model, tokenizer = load(str(artifact), tokenizer_config={"trust_remote_code": params["trust_remote_code"]})
+        reason = _cpu_cannot_run(model)
+        if reason:
+            return Smoke(False, reason)
+        prompt = tokenizer.apply_chat_template(SMOKE_MESSAGES, add_generation_prompt=True, tokenize=False)
+        prompt_ids = mx.array(tokenizer.encode(prompt, add_special_tokens=False))
+        # generate_step rather than stream_generate: the latter's detokenizer fails on the padding ids past
+        # the tokenizer's last token that Phi vocabularies have (32064 rows for 32011 tokens).
+        # No sampler: mlx-lm takes the argmax, so the tokens are a function of the artifact.
+        tokens = []
+        for token, _ in generate_step(prompt_ids, model, max_tokens=SMOKE_TOKENS):
+            tokens.append(token)
+            if token in tokenizer.eos_token_ids:
+                break
+        if not tokens:
+            raise BuildError(f"mlx-lm generated no tokens from {artifact}")
+        detail = f"{len(tokens)} tokens from a Phi chat prompt: {tokenizer.decode(tokens)!r}"
+        padding = sum(token >= len(tokenizer.get_vocab()) for token in tokens)
+        if padding:
+            detail += f" ({padding} of them padding ids past the tokenizer's tokens)"
+        return Smoke(True, detail, tuple(tokens))
+
+
+def _cpu_cannot_run(model) -> str | None:
+    """Why mlx's CPU backend cannot run ``model``, if it cannot; None on a GPU (Metal, CUDA)."""
+    import mlx.core as mx
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    if mx.default_device().type != mx.DeviceType.cpu:
+        return None
+    dtypes = {module.weight.dtype for _, module in model.named_modules() if isinstance(module, SwitchLinear)}
+    if dtypes - {mx.float32}:
+        return ("unquantized mixture-of-experts layers in 16 bits run on a GPU only (mlx's CPU gather_mm is "
+                "float32-only); this check runs on Apple silicon")
+    return None
+
+
+def _refuse_quantization(precision: str, params: dict[str, Any]) -> str | None:
+    bits, group_size, mode, recipe = params["bits"], params["group_size"], params["mode"], params["recipe"]
+    if mode in FLOAT_MODES:
+        shape = FLOAT_MODES[mode]
+        if (bits, group_size) != shape or bits not in BITS[precision]:
+            at = "int4" if shape[0] == 4 else "int8"
+            return (f"mode {mode} is {shape[0]} bits in groups of {shape[1]}: use it at {at} with "
+                    f"bits = {shape[0]} and group_size = {shape[1]}")
+    elif mode == "affine":
+        if bits not in BITS[precision]:
+            return f"bits at {precision} must be one of {', '.join(map(str, BITS[precision]))}, not {bits!r}"
+        if group_size not in GROUP_SIZES:
+            return f"group_size must be 32, 64 or 128 for affine quantization, not {group_size!r}"
+    else:
+        return f"mode must be affine, {', '.join(FLOAT_MODES)}, not {mode!r}"
+    if recipe == "none":
+        return None
+    if recipe not in RECIPES:
+        return f"recipe must be none or one of {', '.join(RECIPES)}, not {recipe!r}"
+    low, high = RECIPES[recipe]
+    if precision != "int4" or mode != "affine":
+        return f"recipe {recipe} ({low} and {high} bits) is affine quantization at int4 only"
+    if bits != 4:
+        return f"recipe {recipe} gives each layer {low} or {high} bits itself; leave bits at 4"
+    return None
+
+
+def _has_model(model_type: str) -> bool:
+    """Whether mlx-lm ships ``models/<model_type>.py``, found without importing mlx."""
+    spec = importlib.util.find_spec("mlx_lm")
+    return spec is not None and any(
+        (Path(location) / "models" / f"{model_type}.py").is_file()
+        for location in spec.submodule_search_locations or ()
+    )
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """``0.31.3`` -> (0, 31, 3); pre-release and local suffixes are ignored."""
+    parts = []
+    for part in version.split(".")[:3]:
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def _dtype(source: Path, dtype: str) -> str | None:
+    """The dtype to hand mlx-lm; ``auto`` is the checkpoint's own (config ``torch_dtype``, or ``dtype``)."""
+    if dtype != "auto":
+        return dtype
+    config = sources.read_config(source)
+    found = config.get("torch_dtype") or config.get("dtype")
+    return found if found in ("float16", "bfloat16", "float32") else None
+
+
+def _stage(source: Path, staged: Path) -> None:
+    """Link the checkpoint files phibuild hashed into ``staged``, so mlx-lm reads nothing else.
+
+    config.json is written instead, with the RoPE settings where mlx-lm reads them (``_legacy_rope``).
+    """
+    for path in sources.source_files(source):
+        link = staged / path.relative_to(source)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.name == "config.json" and link.parent == staged:
+            link.write_text(json.dumps(_legacy_rope(sources.read_config(source)), indent=2))
+        else:
+            link.symlink_to(path.resolve())
+
+
+def _legacy_rope(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with RoPE settings at the top level too, where mlx-lm's Phi models look for them.
+
+    transformers 5 saves them only in ``rope_parameters``; mlx-lm 0.31's phi3 and phimoe read
+    ``rope_theta``, ``partial_rotary_factor`` and ``rope_scaling`` (with ``type``) and would otherwise run
+    plain RoPE at theta 10000 without a word. Hub checkpoints have the top-level keys and pass unchanged.
+    """
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict):
+        return config
+    config = dict(config)
+    for key in ("rope_theta", "partial_rotary_factor"):
+        if key in rope:
+            config.setdefault(key, rope[key])
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if kind != "default" and not config.get("rope_scaling"):
+        config["rope_scaling"] = {**{k: v for k, v in rope.items() if k not in ("rope_theta", "rope_type")},
+                                  "type": kind}
+    return config
+
+
+BACKEND = MlxBackend

@@ -1,0 +1,224 @@
+"""OpenVINO IR through optimum-intel's exporter, with weights compressed by NNCF, run in-process.
+
+The export is the one ``optimum-cli export openvino --task text-generation-with-past`` runs (``main_export``): a
+stateful ``openvino_model.xml``/``.bin`` plus ``openvino_tokenizer``/``openvino_detokenizer`` IR from
+openvino-tokenizers and the Hugging Face config and tokenizer files. fp32 and fp16 are the exported weights as
+they are (fp16 is stored as f16 and decompressed on load). int4 and int8 are weight-only compression, as the
+CLI does it: the model is exported at its checkpoint dtype, then ``nncf.compress_weights`` runs with the
+arguments optimum-intel's ``OVWeightQuantizationConfig`` makes of our parameters. int4 is data-free: with
+``ratio`` < 1 NNCF ranks the MatMuls by weight quantization error, compresses the most tolerant ones to int4
+(groups of ``group_size``) and the rest, embeddings and the last MatMul (unless ``all_layers``) to
+``backup_precision``; ``awq`` adds data-free AWQ. int8 is per-channel (INT8_ASYM, or INT8_SYM with ``sym``).
+
+Reproducible (measured with OpenVINO 2026.4.1 and NNCF 3.4.0 on one x86 CPU): a key built again gives
+byte-identical files, in a fresh process or after other exports in the same one, on one core or two, from a
+copy of the source elsewhere. The IR records no paths or times, only versions, and those are in the key.
+Two things made the bytes vary, and the build removes both: OpenVINO names unnamed nodes after a process-wide
+counter, so the XML depended on what the process had done before (``_rewrite`` renumbers those names in
+graph order); and optimum's ``openvino_config.json`` names the directory it exported from (the CLI writes
+the source path there), so it is not written. Not verified: other CPU generations. NNCF computes the
+compressed weights with OpenVINO CPU kernels, so int4/int8 ``.bin`` files might differ between instruction
+sets. Compared with ``optimum-cli export openvino --weight-format int4 --sym --group-size 128 --ratio 0.6``,
+an int4 build has the same ``.bin`` files, tokenizer and config files; its model XML differs in counter-made
+names and lacks optimum's ``optimum/nncf_version`` entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ..errors import BuildError
+from . import SMOKE_MESSAGES, SMOKE_TOKENS, Backend, Smoke
+
+TASK = "text-generation-with-past"
+# The IRs a model directory needs for openvino_genai.LLMPipeline; the exporter only warns when the
+# tokenizer conversion fails, so the build checks for them.
+IRS = ("openvino_model", "openvino_tokenizer", "openvino_detokenizer")
+# A name OpenVINO made up from its process-wide node counter, or one derived from it: Constant_193436,
+# Constant_193436_compressed, Convert_135411.0, Constant_12655/scale.
+COUNTER_NAME = re.compile(r"(?P<kind>[A-Za-z][A-Za-z0-9]*)_\d+(?![A-Za-z0-9])")
+BACKUP_PRECISIONS = ("int8_asym", "int8_sym", "none")
+
+
+class OpenvinoBackend(Backend):
+    name = "openvino"
+    title = "OpenVINO"
+    extra = "openvino"
+    # openvino-genai runs the smoke check only; it is released in lockstep with openvino.
+    packages = ("openvino", "openvino-tokenizers", "openvino-genai", "nncf", "optimum-intel", "optimum",
+                "transformers", "tokenizers", "sentencepiece", "torch", "numpy")
+    # Phi-3.5-MoE's hub config says PhiMoE (its remote code); transformers writes Phimoe for the same model.
+    architectures = frozenset({"Phi3ForCausalLM", "PhiMoEForCausalLM", "PhimoeForCausalLM"})
+    # int4 defaults are the Phi Cookbook's OpenVINO recipe (optimum-cli --weight-format int4 --sym
+    # --group-size 128 --ratio 0.6). optimum-intel's own default for Phi-3.5/4-mini, applied by model id, is
+    # sym = false, group_size = 64, ratio = 1.0, awq = true (data-free AWQ).
+    precisions = {
+        "int4": {"sym": True, "group_size": 128, "ratio": 0.6, "backup_precision": "int8_asym",
+                 "all_layers": False, "awq": False},
+        "int8": {"sym": False},
+        "fp16": {},
+        "fp32": {},
+    }
+
+    def refuse(self, architecture: str, precision: str, params: dict[str, Any]) -> str | None:
+        if architecture == "Phi3SmallForCausalLM":
+            return ("optimum-intel has no OpenVINO export for Phi-3-small (Phi3SmallForCausalLM, remote code); "
+                    "build it with the onnx or mlx backend")
+        reason = super().refuse(architecture, precision, params)
+        if reason:
+            return reason
+        flags = [name for name in ("sym", "all_layers", "awq") if not isinstance(params.get(name, False), bool)]
+        if flags:
+            return f"{', '.join(flags)} must be true or false"
+        if precision == "int4":
+            group_size = params["group_size"]
+            if not isinstance(group_size, int) or isinstance(group_size, bool) or not (group_size == -1
+                                                                                      or group_size > 0):
+                return f"group_size must be a positive integer, or -1 for one group per channel, not {group_size!r}"
+            ratio = params["ratio"]
+            if not isinstance(ratio, int | float) or isinstance(ratio, bool) or not 0 < ratio <= 1:
+                return f"ratio (the share of weights in int4) must be in (0, 1], not {ratio!r}"
+            if params["backup_precision"] not in BACKUP_PRECISIONS:
+                return (f"backup_precision must be one of {', '.join(BACKUP_PRECISIONS)}, "
+                        f"not {params['backup_precision']!r}")
+        return None
+
+    def build(self, source: Path, output: Path, precision: str, params: dict[str, Any],
+              intermediate: Path | None) -> None:
+        from optimum.exporters.openvino import main_export
+        from optimum.intel import OVConfig
+
+        weights = _weight_config(precision, params)
+        ov_config = OVConfig(quantization_config=weights) if weights else OVConfig(dtype=precision)
+        try:
+            with _quiet():
+                main_export(str(source), output, task=TASK, ov_config=ov_config, convert_tokenizer=True,
+                            library_name="transformers", local_files_only=True)
+        except Exception as exc:
+            raise BuildError(f"{self.title} export of {source} failed: {type(exc).__name__}: {exc}") from exc
+        missing = [f"{stem}{suffix}" for stem in IRS for suffix in (".xml", ".bin")
+                   if not (output / f"{stem}{suffix}").is_file()]
+        if missing:
+            raise BuildError(f"{self.title} export wrote no {', '.join(missing)} in {output} "
+                             "(the tokenizer conversion needs openvino-tokenizers and a tokenizer.json)")
+        try:
+            _rewrite(output, weights, output.parent / "rewrite")
+        except Exception as exc:
+            what = "NNCF weight compression" if weights else "rewriting the IR"
+            raise BuildError(f"{self.title}: {what} failed: {type(exc).__name__}: {exc}") from exc
+
+    def smoke(self, artifact: Path, params: dict[str, Any]) -> Smoke:
+        """Generate with openvino_genai.LLMPipeline, the runtime an OpenVINO IR LLM is deployed with.
+
+        It reads the exported tokenizer/detokenizer IR and the chat template they carry, so the check
+        covers everything the artifact ships, not only the model IR (OVModelForCausalLM would use the
+        Hugging Face tokenizer instead).
+        """
+        import openvino_genai
+
+        pipeline = openvino_genai.LLMPipeline(str(artifact), "CPU")
+        tokenizer = pipeline.get_tokenizer()
+        prompt = tokenizer.apply_chat_template(SMOKE_MESSAGES, add_generation_prompt=True)
+        # The template writes any special tokens itself, as transformers' apply_chat_template(tokenize=True).
+        inputs = tokenizer.encode(prompt, add_special_tokens=False)
+        config = openvino_genai.GenerationConfig(max_new_tokens=SMOKE_TOKENS, do_sample=False)
+        tokens = tuple(int(token) for token in pipeline.generate(inputs, config).tokens[0])
+        if not tokens:
+            raise BuildError(f"{self.title} generated no tokens from {artifact}")
+        text = tokenizer.decode(list(tokens))
+        return Smoke(True, f"{len(tokens)} tokens from a Phi chat prompt: {text!r}", tokens)
+
+
+def _weight_config(precision: str, params: dict[str, Any]):
+    """optimum-intel's weight compression config for ``precision``, or None for fp16/fp32."""
+    from optimum.intel import OVWeightQuantizationConfig
+
+    if precision == "int4":
+        return OVWeightQuantizationConfig(bits=4, sym=params["sym"], group_size=params["group_size"],
+                                          ratio=params["ratio"], backup_precision=params["backup_precision"],
+                                          all_layers=params["all_layers"],
+                                          quant_method="awq" if params["awq"] else "default")
+    if precision == "int8":
+        return OVWeightQuantizationConfig(bits=8, sym=params["sym"], group_size=-1, ratio=1.0)
+    return None
+
+
+def _rewrite(directory: Path, weights, scratch: Path) -> None:
+    """Compress the model's weights with NNCF (int4/int8), then renumber counter-made names in every IR.
+
+    OpenVINO names a node nobody named after a process-wide counter (``Constant_193436``, ``Model96``), so
+    the XML of the same build would depend on what the process did before: another export, or NNCF compiling
+    helper models on this CPU. The order those names first appear in in the graph does not.
+    """
+    import nncf
+    import openvino
+    import openvino_tokenizers  # noqa: F401  (lets openvino.Core read the tokenizer operations)
+
+    core = openvino.Core()
+    scratch.mkdir()
+    for stem in IRS:
+        model = core.read_model(directory / f"{stem}.xml")
+        if stem == "openvino_model" and weights is not None:
+            model = nncf.compress_weights(model, **weights.to_nncf_dict())
+        _renumber(model, stem)
+        openvino.save_model(model, scratch / f"{stem}.xml", compress_to_fp16=False)
+        del model  # the original .bin is memory-mapped until then
+        for suffix in (".xml", ".bin"):
+            os.replace(scratch / f"{stem}{suffix}", directory / f"{stem}{suffix}")
+    scratch.rmdir()
+
+
+def _renumber(model, stem: str) -> None:
+    """Replace counter values in node and tensor names by the order they first appear in in the graph."""
+    numbers: dict[str, str] = {}
+
+    def renumber(name: str) -> str:
+        match = COUNTER_NAME.match(name)
+        if not match:
+            return name
+        return numbers.setdefault(match[0], f"{match['kind']}_{len(numbers)}") + name[match.end():]
+
+    def counter(name: str) -> tuple[int, str]:
+        match = COUNTER_NAME.match(name)
+        return (int(match[0].rsplit("_", 1)[1]) if match else -1, name)
+
+    for op in model.get_ordered_ops():
+        op.set_friendly_name(renumber(op.get_friendly_name()))
+        for output in op.outputs():
+            names = output.get_names()
+            new = {renumber(name) for name in sorted(names, key=counter)}
+            if new != names:
+                output.get_tensor().set_names(new)
+    if re.fullmatch(r"Model\d+", model.get_friendly_name()):
+        model.set_friendly_name(stem)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence what an export says about model code (tracer and deprecation warnings, weight loading bars)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    torch_logger = logging.getLogger("torch.utils.cpp_extension")  # "No CUDA runtime is found" on CPU machines
+    torch_level = torch_logger.level
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    torch_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+        torch_logger.setLevel(torch_level)
+
+
+BACKEND = OpenvinoBackend
