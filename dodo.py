@@ -3,6 +3,14 @@
 `doit list` shows the targets, `doit` builds the default one, `doit quantize:<target>` builds one.
 """
 
-from phibuild.tasks import dodo_config, task_quantize  # noqa: F401
+from phibuild.tasks import (  # noqa: F401
+    dodo_config,
+    task_assemble,
+    task_gc,
+    task_quantize,
+    task_release,
+    task_reproduce,
+    task_verify,
+)
 
 DOIT_CONFIG = dodo_config()

@@ -10,6 +10,13 @@ Every key is optional::
     build = "build"                                 # where artifacts are shown, one directory each
     lock = "artifacts.lock"
     default = ["phi35-tiny-int4-onnx"]              # what plain `doit` builds
+    remote = "s3://team-bucket/phibuild"            # a store shared between machines (any fsspec URL);
+                                                    # PHIBUILD_REMOTE overrides it
+    remote_timeout = 10                             # seconds to wait for the remote before building locally
+    release = ["phi35-tiny-int4-onnx"]              # what `doit release` gathers (default: every locked one)
+    release_dir = "release"
+
+    [tool.phibuild.remote_options]                  # passed to fsspec, e.g. endpoint_url for S3 look-alikes
 
     [tool.phibuild.model.my-phi]                    # a model of your own (added to the default models)
     path = "checkpoints/my-phi"                     # a local directory...
@@ -23,6 +30,7 @@ Every key is optional::
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +40,8 @@ from . import backends
 from .catalog import EMBEDDED, ModelSpec, lookup
 from .errors import ConfigError
 
-KEYS = {"models", "model", "backends", "precisions", "store", "build", "lock", "default", "params"}
+KEYS = {"models", "model", "backends", "precisions", "store", "build", "lock", "default", "params", "remote",
+        "remote_options", "remote_timeout", "release", "release_dir"}
 
 
 @dataclass
@@ -47,6 +56,11 @@ class Config:
     default: list[str] = field(default_factory=list)
     custom_models: dict[str, ModelSpec] = field(default_factory=dict)
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    remote: str | None = None
+    remote_options: dict[str, Any] = field(default_factory=dict)
+    remote_timeout: float = 10.0
+    release: list[str] | None = None  # None: every artifact in the lock
+    release_dir: Path = Path("release")
 
     def model(self, name: str) -> ModelSpec:
         return lookup(name, self.custom_models)
@@ -77,13 +91,18 @@ def load(root: Path) -> Config:
     config = Config(root)
     config.custom_models = _custom_models(table.get("model", {}), root, path)
     config.models = list(EMBEDDED) + sorted(config.custom_models)
-    for key in ("models", "backends", "precisions", "default"):
+    for key in ("models", "backends", "precisions", "default", "release"):
         if key in table:
             setattr(config, key, list(table[key]))
-    for key in ("store", "build", "lock"):
+    for key in ("store", "build", "lock", "release_dir"):
         if key in table:
             setattr(config, key, Path(table[key]))
-    config.params = table.get("params", {})
+    for key in ("params", "remote", "remote_options", "remote_timeout"):
+        if key in table:
+            setattr(config, key, table[key])
+    config.remote = os.environ.get("PHIBUILD_REMOTE") or config.remote
+    if config.remote and "://" not in config.remote:  # a plain directory, relative to the project
+        config.remote = str(root / config.remote)
     _validate(config, path)
     return config
 

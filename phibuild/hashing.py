@@ -61,6 +61,17 @@ def hash_file(path: Path, with_sha256: bool = False) -> FileDigest:
     return FileDigest(done, xxh.hexdigest(), sha.hexdigest() if sha else None)
 
 
+def digest_files(directory: Path) -> dict[str, dict]:
+    """``{relative posix path: {size, xxh3_128, sha256}}`` of every file under ``directory``, read in full."""
+    files = {}
+    for path in sorted(p for p in Path(directory).rglob("*") if p.is_file()):
+        digest = hash_file(path, with_sha256=True)
+        files[path.relative_to(directory).as_posix()] = {
+            "size": digest.size, "xxh3_128": digest.xxh3_128, "sha256": digest.sha256,
+        }
+    return files
+
+
 def digest_json(value: object) -> str:
     """xxh3-128 of canonical JSON: sorted keys, no whitespace, UTF-8."""
     text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

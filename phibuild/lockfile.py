@@ -53,6 +53,11 @@ class Lockfile:
                 entries[name] = entry
             self._write(entries)
 
+    def put_all(self, entries: dict[str, dict]) -> None:
+        """Replace the whole lock in one atomic write (``doit assemble``)."""
+        with self._mutex:
+            self._write(entries)
+
     def _write(self, entries: dict[str, dict]) -> None:
         body = tomli_w.dumps(_sorted({"version": FORMAT, "artifacts": entries}))
         fd, tmp = tempfile.mkstemp(prefix=".artifacts.lock.", dir=self.path.parent)
@@ -61,6 +66,31 @@ class Lockfile:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, self.path)
+
+
+def merge(base: dict[str, dict], slices: dict[str, dict[str, dict]]) -> dict[str, dict]:
+    """One lock from ``base`` (the committed one) and the locks several CI jobs wrote from it (by name).
+
+    A target takes the entry a slice changed; slices that changed it differently are a conflict.
+    """
+    merged = dict(base)
+    for target in sorted({name for entries in slices.values() for name in entries}):
+        changed = {}
+        for slice_name, entries in sorted(slices.items()):
+            entry = entries.get(target)
+            if entry is not None and entry != base.get(target):
+                changed.setdefault(_canonical(entry), (slice_name, entry))
+        if len(changed) > 1:
+            names = ", ".join(slice_name for slice_name, _ in changed.values())
+            raise LockError(f"{target}: the slices {names} built it differently (different keys or files); "
+                            "build it in one slice only")
+        if changed:
+            merged[target] = next(iter(changed.values()))[1]
+    return merged
+
+
+def _canonical(entry: dict) -> str:
+    return tomli_w.dumps(_sorted(entry))
 
 
 def parse(text: str, path: Path) -> dict[str, dict]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,9 @@ from .backends import Backend
 from .catalog import ModelSpec
 from .config import Config, load
 from .errors import BuildError, LockError, PhibuildError, SourceError, UnsupportedError
-from .hashing import FileDigest
-from .lockfile import Lockfile
+from .hashing import FileDigest, digest_files
+from .lockfile import Lockfile, merge
+from .remote import Remote
 from .store import Entry, Store
 
 FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
@@ -50,9 +53,18 @@ class Plan:
     source: sources.Source | None  # None when a pinned hub source was not downloaded
 
 
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
 def frozen() -> bool:
     """``PHIBUILD_FROZEN=1``: fail instead of changing artifacts.lock (for CI)."""
-    return os.environ.get("PHIBUILD_FROZEN", "").lower() in ("1", "true", "yes")
+    return _flag("PHIBUILD_FROZEN")
+
+
+def restore_only() -> bool:
+    """``PHIBUILD_RESTORE_ONLY=1``: take artifacts from the store or the remote, never build (CI fan-in)."""
+    return _flag("PHIBUILD_RESTORE_ONLY")
 
 
 class Project:
@@ -61,6 +73,7 @@ class Project:
         self.root = config.root
         self.store = Store(self.root / config.store)
         self.lock = Lockfile(self.root / config.lock)
+        self.remote = Remote(config.remote, config.remote_options, config.remote_timeout) if config.remote else None
         self._targets: tuple[list[Target], list[str]] | None = None
 
     @classmethod
@@ -185,18 +198,17 @@ class Project:
     # -- build -----------------------------------------------------------------------------------
 
     def build(self, target: Target) -> str:
-        """Make the target fresh: restore from the store or build, show it, pin it. Returns what it did."""
+        """Make the target fresh: restore it (from the store or the remote) or build it, show it, pin it.
+
+        Returns what it did, for the task's output.
+        """
         plan = self.plan(target)
         locked = self.lock.get(target.name)
         if frozen():
             self._check_frozen(target, locked, plan)
-        stored = self._intact(plan.key, target.name)
-        action = "restored from the store"
-        if stored is None:
-            if plan.source is None:  # pinned hub model: download it only now that it must be built
-                plan = self.plan(target, fetch=True)
-            stored = self._build_into_store(plan)
-            action = "built"
+        expected = locked["files"] if locked and locked.get("key") == plan.key else None
+        stored, action = self._obtain(plan.key, target.name, expected,
+                                      lambda: self._build_into_store(self._fetched(plan)))
         entry = self._lock_entry(plan, stored)
         if frozen() and locked is not None and locked["files"] != entry["files"]:
             changed = sorted(n for n in set(locked["files"]) | set(entry["files"])
@@ -208,6 +220,35 @@ class Project:
         how = self.store.link_visible(stored, self.visible(target), target.backend.unlinkable)
         self.lock.put(target.name, entry)
         return f"{action}; shown at {self.visible(target).relative_to(self.root)} by {how}"
+
+    def _obtain(self, key: str, label: str, expected: dict | None, build: Callable[[], Entry]) -> tuple[Entry, str]:
+        """The store entry for ``key`` and how it came: from the store, else the remote, else ``build()``
+        (and then pushed). One process at a time per key: a second one waits, then finds it."""
+        with self.store.locked(key):
+            stored = self._intact(key, label)
+            if stored is not None:
+                return stored, "restored from the store"
+            if self.remote is not None:
+                stored = self.remote.pull(key, self.store, expected)
+                if stored is not None:
+                    return stored, f"pulled from the remote {self.remote.url}"
+            if restore_only():
+                where = "the store or the remote" if self.remote else "the store (no remote is set)"
+                raise BuildError(f"{label}: key {key} is not in {where}, and PHIBUILD_RESTORE_ONLY is set")
+            stored = build()
+            if self.remote is not None:
+                self.remote.push(stored)
+            return stored, "built"
+
+    def _fetched(self, plan: Plan) -> Plan:
+        """``plan`` with its source on disk: a pinned hub model is downloaded only when it must be built."""
+        if plan.source is not None:
+            return plan
+        fetched = self.plan(plan.target, fetch=True)
+        if fetched.key != plan.key:
+            raise BuildError(f"{plan.target.name}: {plan.target.model.repo}@{plan.revision} no longer has the "
+                             "files artifacts.lock pins (source digest changed); rebuild without the pin")
+        return fetched
 
     def _intact(self, key: str, label: str) -> Entry | None:
         """The store entry for ``key`` if it is complete and undamaged; a damaged one is removed."""
@@ -243,9 +284,7 @@ class Project:
             print(f"phibuild: smoke check of {target.name}: {smoke.summary()}", flush=True)
             return {"smoke": smoke.summary(), **({"intermediate": intermediate.key} if intermediate else {})}
 
-        with self.store.locked(plan.key):
-            return self._intact(plan.key, target.name) or self._seal(
-                plan.key, target.name, plan.parts, source, make, f"{target.backend.title} {target.precision}")
+        return self._seal(plan.key, target.name, plan.parts, source, make, f"{target.backend.title} {target.precision}")
 
     def _intermediate(self, plan: Plan) -> Entry | None:
         """The backend's shared first step for this target, from the store or built into it now."""
@@ -263,9 +302,9 @@ class Project:
             backend.build_intermediate(source.directory, output, params)
             return {}
 
-        with self.store.locked(key):
-            return self._intact(key, label) or self._seal(
-                key, label, parts, source, make, f"{backend.title} intermediate {params}")
+        stored, _ = self._obtain(key, label, None, lambda: self._seal(
+            key, label, parts, source, make, f"{backend.title} intermediate {params}"))
+        return stored
 
     def _seal(self, key: str, label: str, parts: dict, source: sources.Source, make, what: str) -> Entry:
         """Run ``make(output)`` in a fresh build directory, verify, and publish the result under ``key``.
@@ -280,7 +319,9 @@ class Project:
             extra = make(output)
             if sources.digest_directory(source.directory, self.store.statcache) != source.files:
                 raise BuildError(f"{label}: the source files changed during the build; build again")
-            files = self._digest_outputs(output)
+            files = digest_files(output)
+            if not files:
+                raise BuildError(f"{label}: the build wrote no files")
             manifest = {"key": key, "target": label, "parts": parts, "files": files, **extra}
             entry = self.store.publish(build_dir, key, manifest)
         except BaseException:
@@ -289,17 +330,6 @@ class Project:
         for name, digest in files.items():  # just hashed by us: later checks need not read them again
             self.store.statcache.record(entry.artifact / name, FileDigest(**digest))
         return entry
-
-    def _digest_outputs(self, output: Path) -> dict[str, dict]:
-        files = {}
-        for path in sorted(p for p in output.rglob("*") if p.is_file()):
-            digest = self.store.statcache.digest(path, with_sha256=True)
-            files[path.relative_to(output).as_posix()] = {
-                "size": digest.size, "xxh3_128": digest.xxh3_128, "sha256": digest.sha256,
-            }
-        if not files:
-            raise BuildError(f"{output} is empty after the build")
-        return files
 
     def _lock_entry(self, plan: Plan, stored: Entry) -> dict:
         target = plan.target
@@ -321,6 +351,46 @@ class Project:
         if plan.revision:
             entry["revision"] = plan.revision
         return entry
+
+    def rebuild(self, target: Target) -> dict[str, dict]:
+        """Build ``target`` again from its source, bypassing the store, the remote and cached intermediates,
+        and return its files' digests. Nothing is published, locked or shown."""
+        plan = self._fetched(self.plan(target))
+        backend, source = target.backend, plan.source.directory
+        sources.check_checkpoint(source)
+        self.store.tmp.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f"{os.getpid()}-rebuild-", dir=self.store.tmp) as scratch:
+            shared = None
+            params = backend.intermediate(target.precision, target.params)
+            if params is not None:
+                shared = Path(scratch) / "intermediate"
+                shared.mkdir()
+                backend.build_intermediate(source, shared, params)
+            output = Path(scratch) / "artifact"
+            output.mkdir()
+            print(f"phibuild: rebuilding {target.name} from scratch", flush=True)
+            backend.build(source, output, target.precision, target.params, shared)
+            return digest_files(output)
+
+    def assemble(self, slices: list[Path]) -> list[str]:
+        """Write artifacts.lock from the locks of several CI jobs that each built a slice of the targets.
+
+        Every artifact a slice changed must be in the store or the remote with exactly the locked files,
+        so that the assembled lock pins only what others can restore. Returns the targets taken.
+        """
+        base = self.lock.read()
+        merged = merge(base, {str(path): Lockfile(path).read() for path in slices})
+        taken = sorted(name for name in merged if merged[name] != base.get(name))
+        for name in taken:
+            entry = merged[name]
+            stored = self.store.get(entry["key"])
+            found = stored.manifest if stored else self.remote.has(entry["key"]) if self.remote else None
+            if found is None or found["files"] != entry["files"]:
+                where = "the store or the remote" if self.remote else "the store (no remote is set)"
+                raise LockError(f"{name}: key {entry['key']} from a slice is not in {where} with the files "
+                                "its lock pins; did that job push to the remote?")
+        self.lock.put_all(merged)
+        return taken
 
     def clean(self, target: Target) -> None:
         """Remove the visible artifact; the store keeps it, so the next build restores it at once."""

@@ -121,6 +121,15 @@ class Store:
         _fsync_dir(final.parent)
         return self.get(key)
 
+    def entries(self) -> list[Entry]:
+        """Every published entry, by key."""
+        return [entry for path in sorted(self.objects.glob("*/*")) if (entry := self.get(path.name))]
+
+    def garbage(self, referenced: set[str]) -> list[tuple[Entry, int]]:
+        """Entries whose key is not in ``referenced``, with their size in bytes."""
+        return [(entry, sum(f["size"] for f in entry.files.values()))
+                for entry in self.entries() if entry.key not in referenced]
+
     def remove(self, key: str) -> None:
         _remove_tree(self.path(key))
 
@@ -139,13 +148,7 @@ class Store:
             target.parent.mkdir(parents=True, exist_ok=True)
             hardlink = not any(fnmatch.fnmatch(name, pattern) for pattern in unlinkable)
             methods[name] = _link_file(entry.artifact / name, target, hardlink)
-        if visible.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{visible.name}.old.", dir=visible.parent))
-            os.rename(visible, old / "tree")
-            os.rename(staging, visible)
-            _remove_tree(old)
-        else:
-            os.rename(staging, visible)
+        swap_in(staging, visible)
         for name, method in methods.items():
             if method != "hardlink":
                 want = entry.files[name]
@@ -169,6 +172,18 @@ class Store:
             if self.statcache.digest(shown).xxh3_128 != want["xxh3_128"]:
                 return False
         return True
+
+
+def swap_in(staging: Path, directory: Path) -> None:
+    """Put the tree ``staging`` at ``directory`` by rename, moving an old tree out of the way first:
+    a reader sees the old tree or the new one, and a crash leaves at worst a dot-directory beside it."""
+    if directory.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+        os.rename(directory, old / "tree")
+        os.rename(staging, directory)
+        _remove_tree(old)
+    else:
+        os.rename(staging, directory)
 
 
 def _link_file(source: Path, target: Path, hardlink: bool) -> str:

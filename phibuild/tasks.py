@@ -1,8 +1,11 @@
-"""doit tasks: one ``quantize:<model>-<precision>-<backend>`` per target, as plain task dictionaries.
+"""doit tasks, as plain task dictionaries: one ``quantize:<model>-<precision>-<backend>`` per target, and
+``verify``, ``reproduce:<target>``, ``release``, ``gc`` and ``assemble`` over what artifacts.lock pins.
 
 Use from a ``dodo.py``::
 
-    from phibuild.tasks import dodo_config, task_quantize  # noqa: F401
+    from phibuild.tasks import (  # noqa: F401
+        dodo_config, task_assemble, task_gc, task_quantize, task_release, task_reproduce, task_verify,
+    )
 
     DOIT_CONFIG = dodo_config()
 
@@ -19,6 +22,7 @@ from pathlib import Path
 
 from doit.exceptions import InvalidTask, TaskFailed
 
+from . import release, verify
 from .errors import PhibuildError
 from .project import Project, Target
 
@@ -75,13 +79,19 @@ def clean(root: str, name: str) -> None:
     proj.clean(proj.target(name))
 
 
-def quantize_tasks(root: Path | None = None):
-    """Yield the task dictionaries of every buildable target of the project at ``root``."""
+def _loaded(root: Path | None = None) -> tuple[Project, list[Target], list[str]]:
+    """The project and its targets, or doit's "ERROR:" with phibuild's message for broken settings."""
     try:
         proj = project(root)
         found, skipped = proj.targets()
     except PhibuildError as exc:
         raise InvalidTask(f"phibuild: {exc}") from None
+    return proj, found, skipped
+
+
+def quantize_tasks(root: Path | None = None):
+    """Yield the task dictionaries of every buildable target of the project at ``root``."""
+    proj, found, skipped = _loaded(root)
     yield {
         "basename": "quantize",
         "name": None,
@@ -113,12 +123,115 @@ def task_quantize():
     yield from quantize_tasks()
 
 
+def task_verify():
+    """Check every artifact in artifacts.lock against the store and build/, reading every byte."""
+    proj, _, _ = _loaded()
+    return {"actions": [(_verify, [str(proj.root)])], "verbosity": 2}
+
+
+def _verify(root: str) -> TaskFailed | None:
+    problems = verify.verify(project(Path(root)))
+    for problem in problems:
+        print(f"phibuild: verify: {problem}")
+    if problems:
+        return TaskFailed(f"phibuild: verify found {len(problems)} problems")
+    print(f"phibuild: verify: all {len(project(Path(root)).lock.read())} artifacts match artifacts.lock")
+    return None
+
+
+def task_reproduce():
+    """Rebuild locked artifacts from scratch, bypassing every cache, and compare their bytes with the lock."""
+    proj, found, _ = _loaded()
+    locked = proj.lock.read()
+    for target in found:
+        if target.name in locked:
+            yield {"name": target.name, "doc": f"rebuild {target.name} and compare it with artifacts.lock",
+                   "actions": [(_reproduce, [str(proj.root), target.name])], "verbosity": 2}
+
+
+def _reproduce(root: str, name: str) -> TaskFailed | None:
+    try:
+        proj = project(Path(root))
+        problems = verify.reproduce(proj, proj.target(name))
+    except PhibuildError as exc:
+        return TaskFailed(f"phibuild: {exc}")
+    if problems:
+        print(f"phibuild: {name}: NOT reproducible: " + "; ".join(problems), flush=True)
+        return TaskFailed(f"phibuild: {name} is not bit-reproducible")
+    print(f"phibuild: {name}: reproducible (every file identical to artifacts.lock)", flush=True)
+    return None
+
+
+def task_release():
+    """Gather artifacts into the release directory with a model card each and SHA256SUMS."""
+    proj, _, _ = _loaded()
+    return {"actions": [(_release, [str(proj.root)])], "verbosity": 2}
+
+
+def _release(root: str) -> TaskFailed | None:
+    proj = project(Path(root))
+    names = proj.config.release if proj.config.release is not None else sorted(proj.lock.read())
+    directory = proj.root / proj.config.release_dir
+    try:
+        lines = release.release(proj, names, directory)
+    except PhibuildError as exc:
+        return TaskFailed(f"phibuild: {exc}")
+    print(f"phibuild: released {len(names)} artifacts ({len(lines)} files) in {directory}; "
+          f"check them with: cd {directory} && sha256sum -c SHA256SUMS", flush=True)
+    return None
+
+
+def task_gc():
+    """List store entries artifacts.lock does not reference (`doit gc --delete` removes them)."""
+    proj, _, _ = _loaded()
+    return {"actions": [(_gc, [str(proj.root)])], "verbosity": 2,
+            "params": [{"name": "delete", "long": "delete", "type": bool, "default": False,
+                        "help": "remove the unreferenced entries (default: only list them)"}]}
+
+
+def _gc(root: str, delete: bool) -> None:
+    proj = project(Path(root))
+    locked = proj.lock.read().values()
+    referenced = {entry["key"] for entry in locked} | {e["intermediate"] for e in locked if "intermediate" in e}
+    garbage = proj.store.garbage(referenced)
+    for entry, size in garbage:
+        print(f"phibuild: gc: {'removing' if delete else 'would remove'} {entry.key} "
+              f"({entry.manifest.get('target', '?')}, {size / 2**20:.1f} MiB)")
+        if delete:
+            proj.store.remove(entry.key)
+    total = sum(size for _, size in garbage) / 2**20
+    verb = "removed" if delete else "can be removed (doit gc --delete)"
+    print(f"phibuild: gc: {len(garbage)} unreferenced entries, {total:.1f} MiB {verb}", flush=True)
+
+
+def task_assemble():
+    """Write artifacts.lock from the locks of CI jobs that each built a slice of the targets."""
+    proj, _, _ = _loaded()
+    return {"actions": [(_assemble, [str(proj.root)])], "verbosity": 2,
+            "params": [{"name": "slices", "long": "slices", "type": str, "default": "slices/*.lock",
+                        "help": "glob of the slice lock files, relative to the project"}]}
+
+
+def _assemble(root: str, slices: str) -> TaskFailed | None:
+    proj = project(Path(root))
+    paths = sorted(proj.root.glob(slices))
+    if not paths:
+        return TaskFailed(f"phibuild: no slice lock files match {slices!r} in {proj.root}")
+    try:
+        taken = proj.assemble(paths)
+    except PhibuildError as exc:
+        return TaskFailed(f"phibuild: {exc}")
+    print(f"phibuild: assembled artifacts.lock from {len(paths)} slices; "
+          f"{len(taken)} entries taken from them: {', '.join(taken) or 'none'}", flush=True)
+    return None
+
+
 DOIT_CONFIG = {"subtasks": True}  # `doit list` shows every target, not just the group
 
 
 def dodo_config(root: Path | None = None) -> dict:
     """DOIT_CONFIG for a project: its ``default`` targets become doit's default tasks (without
-    any, plain ``doit`` builds every target).
+    any, plain ``doit`` builds every target; verify, release and the rest run only when named).
 
     A broken ``[tool.phibuild]`` is reported when doit loads the tasks (as "ERROR: ..."), not here,
     where an exception would reach the user as a traceback.
@@ -127,6 +240,4 @@ def dodo_config(root: Path | None = None) -> dict:
         defaults = project(root).config.default
     except PhibuildError:
         defaults = []
-    if not defaults:
-        return dict(DOIT_CONFIG)
-    return {**DOIT_CONFIG, "default_tasks": [f"quantize:{name}" for name in defaults]}
+    return {**DOIT_CONFIG, "default_tasks": [f"quantize:{name}" for name in defaults] or ["quantize"]}

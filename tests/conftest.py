@@ -78,7 +78,8 @@ def run_doit(root: Path, *args: str, capsys: pytest.CaptureFixture | None = None
     tasks.forget_projects()
     before = hashing.bytes_read
     with contextlib.chdir(root):
-        namespace = {"task_quantize": tasks.task_quantize, "DOIT_CONFIG": tasks.dodo_config(root)}
+        namespace = {name: getattr(tasks, name) for name in dir(tasks) if name.startswith("task_")}
+        namespace["DOIT_CONFIG"] = tasks.dodo_config(root)
         # doit's reporter defaults to the sys.stdout of import time; give it the current one (captured).
         main = DoitMain(ModuleTaskLoader(namespace), extra_config={"run": {"outfile": sys.stdout}})
         code = main.run(list(args)) or 0  # as the process exit status: `doit clean` returns None
