@@ -31,14 +31,22 @@ class Lockfile:
     def __init__(self, path: Path):
         self.path = path
         self._mutex = FileLock(str(path) + ".lock")
+        self._parsed: tuple[tuple[int, int, int], dict[str, dict]] | None = None
 
     def read(self) -> dict[str, dict]:
-        """All entries by target name; an absent file is an empty lock."""
+        """All entries by target name; an absent file is an empty lock.
+
+        Parsed once per version of the file (every write replaces it, so its inode changes): a no-op run
+        asks for each target's entry and must not parse the whole lock each time.
+        """
         try:
-            text = self.path.read_text()
+            st = self.path.stat()
         except FileNotFoundError:
             return {}
-        return parse(text, self.path)
+        signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._parsed is None or self._parsed[0] != signature:
+            self._parsed = (signature, parse(self.path.read_text(), self.path))
+        return dict(self._parsed[1])
 
     def get(self, name: str) -> dict | None:
         return self.read().get(name)
@@ -46,7 +54,7 @@ class Lockfile:
     def put(self, name: str, entry: dict | None) -> None:
         """Set (or with ``None`` remove) one entry, atomically and safely against concurrent writers."""
         with self._mutex:
-            entries = self.read()
+            entries = parse(self.path.read_text(), self.path) if self.path.exists() else {}
             if entry is None:
                 entries.pop(name, None)
             else:

@@ -21,6 +21,7 @@ step in the store under its own key and hands its directory to ``build``.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ class Backend:
         versions = {}
         for package in self.packages:
             try:
-                versions[package] = importlib.metadata.version(package)
+                versions[package] = _installed(package)
             except importlib.metadata.PackageNotFoundError:
                 raise ConfigError(
                     f"backend {self.name} ({self.title}) needs {package}, which is not installed: "
@@ -120,6 +121,12 @@ class Backend:
 
     def smoke(self, artifact: Path, params: dict[str, Any]) -> Smoke:
         raise NotImplementedError
+
+
+@functools.cache
+def _installed(package: str) -> str:
+    """A distribution's version, read once per process (reading package metadata costs a millisecond)."""
+    return importlib.metadata.version(package)
 
 
 def get(name: str) -> Backend:
