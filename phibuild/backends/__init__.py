@@ -8,6 +8,7 @@ A backend is one file in this package defining a subclass of :class:`Backend` na
   and can be overridden in ``[tool.phibuild.params.<backend>]`` / ``[...<backend>.<precision>]``;
 - ``architectures``: the Hugging Face architectures it can build;
 - ``unlinkable`` (optional): output files its readers refuse as hardlinks, shown under ``build/`` as copies;
+- ``unsupported`` (optional): Phi architectures it cannot build, with the reason users are told;
 
 and implements ``refuse`` (why a given architecture/precision/parameter set cannot be built, or None),
 ``build`` (source directory to output directory) and ``smoke`` (load the output with the backend's own
@@ -64,6 +65,7 @@ class Backend:
     precisions: ClassVar[dict[str, dict[str, Any]]]
     recipe: ClassVar[int] = 1  # bump when phibuild's use of this backend changes the output
     unlinkable: ClassVar[tuple[str, ...]] = ()  # output globs shown as copies, never hardlinks of the store
+    unsupported: ClassVar[dict[str, str]] = {}  # Phi architectures it cannot build, and why
 
     def versions(self) -> dict[str, str]:
         """Installed versions of ``packages``; raises ConfigError naming the extra when one is missing."""
@@ -103,6 +105,8 @@ class Backend:
 
     def refuse(self, architecture: str, precision: str, params: dict[str, Any]) -> str | None:
         """Why this combination cannot be built, or None when it can."""
+        if architecture in self.unsupported:
+            return f"{self.title} cannot build {architecture}: {self.unsupported[architecture]}"
         if architecture not in self.architectures:
             return f"{self.title} cannot build {architecture} (it builds {', '.join(sorted(self.architectures))})"
         return None

@@ -40,10 +40,10 @@ class GgufBackend(Backend):
         "fp32": {"type": "F32", "base": "f32"},
     }
 
+    unsupported = {"Phi3SmallForCausalLM": "llama.cpp has no architecture for Phi-3-small (blocksparse "
+                                           "attention, tiktoken tokenizer); build it with the onnx backend"}
+
     def refuse(self, architecture: str, precision: str, params: dict[str, Any]) -> str | None:
-        if architecture == "Phi3SmallForCausalLM":
-            return ("llama.cpp has no architecture for Phi-3-small (blocksparse attention, tiktoken tokenizer); "
-                    "build it with the onnx or mlx backend")
         reason = super().refuse(architecture, precision, params)
         if reason:
             return reason

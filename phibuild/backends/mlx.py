@@ -29,12 +29,13 @@ import contextlib
 import importlib.metadata
 import importlib.util
 import io
-import itertools
 import json
 import shutil
 import sys
 from pathlib import Path
 from typing import Any, ClassVar
+
+from packaging.version import Version
 
 from .. import sources
 from ..errors import BuildError
@@ -49,7 +50,7 @@ MODEL_TYPES = {
 }
 # Models an mlx-lm release ships but cannot run: model type -> (first release that can, why not).
 BROKEN_BEFORE = {
-    "phi3small": ((0, 32, 2), "its forward pass masks the dummy token ids on the batch axis, an out-of-bounds "
+    "phi3small": ("0.32.2", "its forward pass masks the dummy token ids on the batch axis, an out-of-bounds "
                   "write (a segmentation fault on the CPU)"),
 }
 BITS = {"int4": (2, 3, 4, 5, 6), "int8": (8,)}
@@ -86,9 +87,8 @@ class MlxBackend(Backend):
         if model_type in BROKEN_BEFORE:
             fixed, why = BROKEN_BEFORE[model_type]
             installed = importlib.metadata.version("mlx-lm")
-            if _release(installed) < fixed:
-                return (f"mlx-lm {installed} converts {architecture} but cannot run it: {why}; "
-                        f"mlx-lm {'.'.join(map(str, fixed))} fixes it")
+            if Version(installed) < Version(fixed):
+                return f"mlx-lm {installed} converts {architecture} but cannot run it: {why}; mlx-lm {fixed} fixes it"
         if params["dtype"] not in DTYPES[precision]:
             return f"dtype at {precision} must be one of {', '.join(DTYPES[precision])}, not {params['dtype']!r}"
         if "bits" in params:
@@ -200,17 +200,6 @@ def _has_model(model_type: str) -> bool:
         (Path(location) / "models" / f"{model_type}.py").is_file()
         for location in spec.submodule_search_locations or ()
     )
-
-
-def _release(version: str) -> tuple[int, ...]:
-    """``0.31.3`` -> (0, 31, 3); pre-release and local suffixes are ignored."""
-    parts = []
-    for part in version.split(".")[:3]:
-        digits = "".join(itertools.takewhile(str.isdigit, part))
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
 
 
 def _dtype(source: Path, dtype: str) -> str | None:

@@ -66,10 +66,10 @@ class OpenvinoBackend(Backend):
         "fp32": {},
     }
 
+    unsupported = {"Phi3SmallForCausalLM": "optimum-intel has no OpenVINO export for Phi-3-small (remote "
+                                           "code); build it with the onnx backend"}
+
     def refuse(self, architecture: str, precision: str, params: dict[str, Any]) -> str | None:
-        if architecture == "Phi3SmallForCausalLM":
-            return ("optimum-intel has no OpenVINO export for Phi-3-small (Phi3SmallForCausalLM, remote code); "
-                    "build it with the onnx or mlx backend")
         reason = super().refuse(architecture, precision, params)
         if reason:
             return reason
