@@ -6,10 +6,13 @@ S3-compatible server (moto's) on loopback. The CI fan-out runs its slices as sep
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import socket
+import threading
 import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import boto3
@@ -86,6 +89,34 @@ def test_a_remote_manifest_that_contradicts_the_lock_is_refused(tmp_path, capsys
     forged["genai_config.json"] = {**forged["genai_config.json"], "sha256": "0" * 64}
     assert Remote(str(remote)).pull(entry["key"], Store(tmp_path / "store"), forged) is None
     assert "its manifest lists other files than artifacts.lock pins" in capsys.readouterr().err
+
+
+class _QuietFiles(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_a_remote_served_over_http_is_read_only_but_pulled_from(tmp_path, capsys, model):
+    remote = tmp_path / "remote"
+    one = machine(tmp_path / "one", model, str(remote))
+    assert run_doit(one, capsys=capsys).code == 0
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietFiles, directory=str(remote)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        two = machine(tmp_path / "two", model, url)
+        pulled = run_doit(two, capsys=capsys)
+        assert pulled.code == 0 and pulled.built == [], pulled.output
+        assert f"{TARGET}: pulled from the remote {url}" in pulled.output
+        assert Lockfile(two / "artifacts.lock").read() == Lockfile(one / "artifacts.lock").read()
+
+        fp32 = machine(tmp_path / "three", model, url, precisions=("fp32",))
+        built = run_doit(fp32, capsys=capsys)
+        assert built.code == 0 and built.built == ["a-fp32-onnx"], built.output
+        assert "the local build is kept" in built.output  # HTTP takes no uploads
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def closed_port() -> int:
