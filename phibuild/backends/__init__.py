@@ -10,7 +10,7 @@ A backend is one file in this package defining a subclass of :class:`Backend` na
 - ``unlinkable`` (optional): output files its readers refuse as hardlinks, shown under ``build/`` as copies;
 - ``unsupported`` (optional): Phi architectures it cannot build, with the reason users are told;
 
-and implements ``refuse`` (why a given architecture/precision/parameter set cannot be built, or None),
+and implements ``refuse_params`` (why a precision/parameter set cannot be built, or None),
 ``build`` (source directory to output directory) and ``smoke`` (load the output with the backend's own
 runtime and generate a few tokens). Heavy imports happen inside ``build`` and ``smoke`` only, so listing
 tasks stays fast.
@@ -109,6 +109,10 @@ class Backend:
             return f"{self.title} cannot build {architecture}: {self.unsupported[architecture]}"
         if architecture not in self.architectures:
             return f"{self.title} cannot build {architecture} (it builds {', '.join(sorted(self.architectures))})"
+        return self.refuse_params(architecture, precision, params)
+
+    def refuse_params(self, architecture: str, precision: str, params: dict[str, Any]) -> str | None:
+        """Why these parameters cannot be built for an architecture the backend builds, or None."""
         return None
 
     def intermediate(self, precision: str, params: dict[str, Any]) -> dict[str, Any] | None:

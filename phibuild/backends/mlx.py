@@ -77,10 +77,7 @@ class MlxBackend(Backend):
         "fp32": {"dtype": "float32", "trust_remote_code": False},
     }
 
-    def refuse(self, architecture: str, precision: str, params: dict[str, Any]) -> str | None:
-        reason = super().refuse(architecture, precision, params)
-        if reason:
-            return reason
+    def refuse_params(self, architecture: str, precision: str, params: dict[str, Any]) -> str | None:
         model_type = MODEL_TYPES[architecture]
         if not _has_model(model_type):
             return f"the installed mlx-lm has no {model_type} model (mlx_lm/models/{model_type}.py); upgrade mlx-lm"

@@ -45,10 +45,7 @@ class OnnxBackend(Backend):
         "fp32": {"execution_provider": "cpu"},
     }
 
-    def refuse(self, architecture: str, precision: str, params: dict[str, Any]) -> str | None:
-        reason = super().refuse(architecture, precision, params)
-        if reason:
-            return reason
+    def refuse_params(self, architecture: str, precision: str, params: dict[str, Any]) -> str | None:
         provider = params["execution_provider"]
         if provider not in PROVIDERS[precision]:
             return (f"{self.title} builds {precision} for execution providers {', '.join(PROVIDERS[precision])}, "
