@@ -132,6 +132,15 @@ class Project:
     def visible(self, target: Target) -> Path:
         return self.root / self.config.build / target.name
 
+    @property
+    def _caches(self) -> str:
+        """Where a key can be found without building it, for messages."""
+        return "the store or the remote" if self.remote else "the store (no remote is set)"
+
+    def shown(self, path: Path) -> Path:
+        """``path`` relative to the project when it is inside it (messages and lock entries), else as is."""
+        return path.relative_to(self.root) if path.is_relative_to(self.root) else path
+
     # -- keys ------------------------------------------------------------------------------------
 
     def plan(self, target: Target, fetch: bool = False) -> Plan:
@@ -164,7 +173,7 @@ class Project:
     def origin(self, model: ModelSpec) -> str:
         if model.path is not None and not model.embedded:
             path = model.path
-            return f"path:{path.relative_to(self.root) if path.is_relative_to(self.root) else path}"
+            return f"path:{self.shown(path)}"
         return model.origin
 
     # -- status ----------------------------------------------------------------------------------
@@ -219,7 +228,7 @@ class Project:
             )
         how = self.store.link_visible(stored, self.visible(target), target.backend.unlinkable)
         self.lock.put(target.name, entry)
-        return f"{action}; shown at {self.visible(target).relative_to(self.root)} by {how}"
+        return f"{action}; shown at {self.shown(self.visible(target))} by {how}"
 
     def _obtain(self, key: str, label: str, expected: dict | None, build: Callable[[], Entry]) -> tuple[Entry, str]:
         """The store entry for ``key`` and how it came: from the store, else the remote, else ``build()``
@@ -233,8 +242,7 @@ class Project:
                 if stored is not None:
                     return stored, f"pulled from the remote {self.remote.url}"
             if restore_only():
-                where = "the store or the remote" if self.remote else "the store (no remote is set)"
-                raise BuildError(f"{label}: key {key} is not in {where}, and PHIBUILD_RESTORE_ONLY is set")
+                raise BuildError(f"{label}: key {key} is not in {self._caches}, and PHIBUILD_RESTORE_ONLY is set")
             stored = build()
             if self.remote is not None:
                 self.remote.push(stored)
@@ -383,19 +391,24 @@ class Project:
         taken = sorted(name for name in merged if merged[name] != base.get(name))
         for name in taken:
             entry = merged[name]
-            stored = self.store.get(entry["key"])
-            found = stored.manifest if stored else self.remote.has(entry["key"]) if self.remote else None
+            found = self._manifest(entry["key"])
             if found is None or found["files"] != entry["files"]:
-                where = "the store or the remote" if self.remote else "the store (no remote is set)"
-                raise LockError(f"{name}: key {entry['key']} from a slice is not in {where} with the files "
-                                "its lock pins; did that job push to the remote?")
+                raise LockError(f"{name}: key {entry['key']} from a slice is not in {self._caches} with the "
+                                "files its lock pins; did that job push to the remote?")
         self.lock.put_all(merged)
         return taken
+
+    def _manifest(self, key: str) -> dict | None:
+        """The manifest of ``key`` in the store, else on the remote, else None."""
+        stored = self.store.get(key)
+        if stored is not None:
+            return stored.manifest
+        return self.remote.has(key) if self.remote else None
 
     def clean(self, target: Target) -> None:
         """Remove the visible artifact; the store keeps it, so the next build restores it at once."""
         visible = self.visible(target)
         if visible.exists():
             shutil.rmtree(visible)
-            print(f"phibuild: removed {visible.relative_to(self.root)} (kept in the store)")
+            print(f"phibuild: removed {self.shown(visible)} (kept in the store)")
 
