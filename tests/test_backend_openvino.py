@@ -18,14 +18,12 @@ import pytest
 from conftest import copy_model, reference_logits, run_doit, write_project
 
 from phibuild.backends import SMOKE_MESSAGES, SMOKE_TOKENS, get
-from phibuild.catalog import EMBEDDED_DIR
+from phibuild.catalog import EMBEDDED, EMBEDDED_DIR
 from phibuild.errors import UnsupportedError
 from phibuild.lockfile import Lockfile
 from phibuild.project import Project
 
-pytestmark = pytest.mark.slow
-
-EMBEDDED_MODELS = ["phi3-tiny", "phi35-tiny", "phi4-mini-tiny"]
+EMBEDDED_MODELS = EMBEDDED
 FP32 = [f"{model}-fp32-openvino" for model in [*EMBEDDED_MODELS, "phimoe-tiny"]]
 QUANTIZED = ["phi35-tiny-int4-openvino", "phi35-tiny-int8-openvino"]
 # fp32 IR against transformers in float32, on the same token ids: measured differences are below 1e-5.

@@ -117,7 +117,6 @@ def test_fetch_downloads_only_the_build_files_of_the_resolved_commit(
     assert hub.downloads() == []  # the commit is in the Hugging Face cache: nothing is downloaded again
 
 
-@pytest.mark.slow
 def test_a_pinned_commit_is_what_later_builds_download(
         hub: FakeHub, local: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The lock pins the commit "main" had at the first build: moving "main" changes nothing, and a rebuild
