@@ -26,6 +26,18 @@ def test_two_processes_building_one_target_build_it_once(tmp_path):
     assert list((root / ".phibuild" / "tmp").iterdir()) == []
 
 
+def test_doit_with_two_workers_locks_every_target(tmp_path):
+    """doit -n 2 forks workers that write artifacts.lock concurrently: no entry may be lost."""
+    root = write_project(tmp_path, ["phi3-tiny", "phi4-mini-tiny"], ["gguf"], ["int4", "int8", "fp16"])
+    workers = doit_process(root, "-n", "2", "quantize")
+    output = workers.communicate(timeout=600)[0]
+    assert workers.returncode == 0, output
+    lock = Lockfile(root / "artifacts.lock").read()
+    assert sorted(lock) == sorted(f"{m}-{p}-gguf" for m in ("phi3-tiny", "phi4-mini-tiny")
+                                  for p in ("int4", "int8", "fp16"))
+    assert all(entry["smoke"].startswith("ok: ") for entry in lock.values())
+
+
 def _limit_file_size() -> None:
     """In the child: the kernel refuses to write any file past 1 MB (EFBIG), as a full disk refuses
     (ENOSPC); the signal it would also send is ignored so that the write fails instead of the process."""
