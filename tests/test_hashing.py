@@ -50,7 +50,7 @@ def test_a_changed_file_gets_a_new_digest(tmp_path):
     assert cache.digest(path).xxh3_128 != first.xxh3_128
 
 
-def test_a_file_written_just_now_is_not_trusted_by_stat(tmp_path):
+def test_a_file_written_just_now_is_read_again(tmp_path):
     """A write in the same clock tick as the hash could leave the stat unchanged: such files are re-read."""
     cache = StatCache(tmp_path / "cache.sqlite")
     path = tmp_path / "fresh.bin"
@@ -58,6 +58,21 @@ def test_a_file_written_just_now_is_not_trusted_by_stat(tmp_path):
     before = hashing.bytes_read
     cache.digest(path)
     cache.digest(path)
+    assert hashing.bytes_read - before == 2000
+
+
+def test_a_recent_file_is_read_once_per_process_and_not_persisted(tmp_path):
+    """Written a second ago: safe to remember in this process (a later write changes its mtime), too young to
+    persist, so that the targets of one run right after a checkout do not each read the model again."""
+    cache = StatCache(tmp_path / "cache.sqlite")
+    path = tmp_path / "recent.bin"
+    path.write_bytes(b"x" * 1000)
+    os.utime(path, (time.time() - 1, time.time() - 1))
+    before = hashing.bytes_read
+    cache.digest(path)
+    cache.digest(path)
+    assert hashing.bytes_read - before == 1000
+    StatCache(tmp_path / "cache.sqlite").digest(path)
     assert hashing.bytes_read - before == 2000
 
 
