@@ -6,8 +6,8 @@ attention factor, tokenizer), and llama.cpp's loader for what it reads (``llama-
 ``llama-vocab.cpp``).
 
 Tensors are streamed: the GGUF header and tensor infos come from the safetensors headers alone, then
-each tensor is memory-mapped, converted in row chunks and written before the next is read. Peak memory
-is about one output tensor (one layer's stacked experts for PhiMoE), not the model.
+each tensor is read, converted and written a few rows at a time. Peak memory is a chunk of rows (about
+16 MB of float32), whatever the size of the model.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ CL100K = (
 )
 PRE_TOKENIZERS = {O200K: "gpt-4o", CL100K: "dbrx"}
 EXPERT = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
-CHUNK_ELEMENTS = 1 << 24  # rows converted at a time: about 64 MB of float32
+CHUNK_ELEMENTS = 1 << 22  # rows converted at a time: about 16 MB of float32
 
 
 def convert(source: Path, output: Path, outtype: str) -> None:
@@ -77,14 +77,14 @@ def convert(source: Path, output: Path, outtype: str) -> None:
     vocab_size = next(t.shape[0] for t in tensors if t.name == "token_embd.weight")
     _tokenizer(writer, source, vocab_size)
     for tensor in tensors:
-        shape, dtype = tensor.stored_shape(), tensor.stored_dtype()
-        writer.add_tensor_info(tensor.name, shape, dtype, math.prod(shape) * dtype.itemsize, raw_dtype=tensor.qtype)
+        writer.add_tensor_info(tensor.name, tensor.stored_shape(), tensor.stored_dtype(), tensor.stored_nbytes(),
+                               raw_dtype=tensor.qtype)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for tensor in tensors:
-            writer.write_tensor_data(tensor.convert(checkpoint))
+            writer.write_tensor_data(Streamed(tensor.stored_nbytes(), tensor.chunks(checkpoint)))
     finally:
         writer.close()
 
@@ -93,7 +93,7 @@ def convert(source: Path, output: Path, outtype: str) -> None:
 
 
 class Checkpoint:
-    """The tensors of a safetensors checkpoint (one file or shards), memory-mapped one at a time."""
+    """The tensors of a safetensors checkpoint (one file or shards), read a few rows at a time."""
 
     def __init__(self, directory: Path):
         self.entries: dict[str, tuple[Path, str, tuple[int, ...], int]] = {}
@@ -114,9 +114,13 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][2]
 
-    def array(self, name: str) -> np.ndarray:
+    def rows(self, name: str, start: int, count: int) -> np.ndarray:
+        """Rows ``start`` to ``start + count`` of tensor ``name`` seen as a matrix, read (not mapped: mapped
+        pages would stay resident until the whole tensor is done)."""
         path, dtype, shape, offset = self.entries[name]
-        return np.memmap(path, dtype=DTYPES[dtype], mode="r", offset=offset, shape=shape)
+        width, itemsize = shape[-1], np.dtype(DTYPES[dtype]).itemsize
+        return np.fromfile(path, DTYPES[dtype], count * width, offset=offset + start * width * itemsize
+                           ).reshape(count, width)
 
 
 def _float32(chunk: np.ndarray) -> np.ndarray:
@@ -145,20 +149,38 @@ class Tensor:
             return self.shape
         return gguf.quant_shape_to_byte_shape(self.shape, self.qtype)
 
-    def convert(self, checkpoint: Checkpoint) -> np.ndarray:
+    def stored_nbytes(self) -> int:
+        return math.prod(self.stored_shape()) * self.stored_dtype().itemsize
+
+    def chunks(self, checkpoint: Checkpoint) -> Iterator[np.ndarray]:
+        """The tensor's bytes in GGUF order, converted a few rows at a time."""
         if self.data is not None:
-            return gguf.quantize(self.data, self.qtype)
-        out = np.empty(self.stored_shape(), self.stored_dtype())
-        rows_out = out.reshape(-1, out.shape[-1])
-        step = max(1, CHUNK_ELEMENTS // self.shape[-1])
-        row = 0
+            yield gguf.quantize(self.data, self.qtype)
+            return
+        width = self.shape[-1]
+        step = max(1, CHUNK_ELEMENTS // width)
         for name in self.sources:
-            rows_in = checkpoint.array(name).reshape(-1, self.shape[-1])
-            for start in range(0, len(rows_in), step):
-                chunk = _float32(rows_in[start : start + step])
-                rows_out[row : row + len(chunk)] = gguf.quantize(chunk, self.qtype)
-                row += len(chunk)
-        return out
+            rows = math.prod(checkpoint.shape(name)) // width
+            for start in range(0, rows, step):
+                yield gguf.quantize(_float32(checkpoint.rows(name, start, min(step, rows - start))), self.qtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Streamed:
+    """What ``GGUFWriter.write_tensor_data`` is given: it asks an array only for ``nbytes`` and ``tofile`` (in
+    the host's byte order, which GGUF's little-endian default is here), so a tensor is written as it is
+    converted and never held whole."""
+
+    nbytes: int
+    parts: Iterator[np.ndarray]
+
+    def tofile(self, handle) -> None:
+        written = 0
+        for part in self.parts:
+            part.tofile(handle)
+            written += part.nbytes
+        if written != self.nbytes:
+            raise BuildError(f"the GGUF converter wrote {written} bytes of a tensor of {self.nbytes}")
 
 
 def _plan(checkpoint: Checkpoint, config: dict, arch: gguf.MODEL_ARCH, qtype: gguf.GGMLQuantizationType,
