@@ -28,9 +28,11 @@ CONFLICT = re.compile(r"^(<<<<<<<|=======|>>>>>>>)( |$)", re.MULTILINE)
 
 
 class Lockfile:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, mutex: Path | None = None):
+        """``mutex``: the file to lock writers on (default beside the lock); a project keeps it in its store,
+        out of the way of ``git status``."""
         self.path = path
-        self._mutex = FileLock(str(path) + ".lock")
+        self._mutex = FileLock(str(mutex or path.with_name(path.name + ".lock")))
         self._parsed: tuple[tuple[int, int, int], dict[str, dict]] | None = None
 
     def read(self) -> dict[str, dict]:

@@ -22,7 +22,7 @@ from .backends import Backend
 from .catalog import ModelSpec
 from .config import Config, load
 from .errors import BuildError, LockError, PhibuildError, SourceError, UnsupportedError
-from .hashing import FileDigest, digest_files
+from .hashing import FileDigest, digest_files, digest_json
 from .lockfile import Lockfile, merge
 from .remote import Remote
 from .store import Entry, Store
@@ -72,7 +72,8 @@ class Project:
         self.config = config
         self.root = config.root
         self.store = Store(self.root / config.store)
-        self.lock = Lockfile(self.root / config.lock)
+        lock = self.root / config.lock
+        self.lock = Lockfile(lock, self.store.locks / f"lockfile-{digest_json(str(lock))[:16]}.lock")
         self.remote = Remote(config.remote, config.remote_options, config.remote_timeout) if config.remote else None
         self._targets: tuple[list[Target], list[str]] | None = None
 

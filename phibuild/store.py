@@ -6,6 +6,7 @@ Layout under the store root (default ``.phibuild/``)::
     objects/ab/abcdef.../manifest.json  their sizes and digests, and the smoke-check result
     tmp/<pid>-<random>/                 builds in progress; a killed build leaves only this behind
     locks/<key>.lock                    held while a key is being built, so two processes build it once
+    locks/lockfile-<digest>.lock        held while artifacts.lock is rewritten
     statcache.sqlite                    see hashing.StatCache
 
 An entry is built in ``tmp/``, verified, then published with one ``rename``: it is either complete or
@@ -54,6 +55,7 @@ class Store:
         self.root = root
         self.objects = root / "objects"
         self.tmp = root / "tmp"
+        self.locks = root / "locks"
         self.statcache = StatCache(root / "statcache.sqlite")
 
     def path(self, key: str) -> Path:
@@ -84,8 +86,8 @@ class Store:
 
     def locked(self, key: str) -> FileLock:
         """An inter-process lock for building ``key``: the second builder waits, then finds it published."""
-        (self.root / "locks").mkdir(parents=True, exist_ok=True)
-        return FileLock(str(self.root / "locks" / f"{key}.lock"))
+        self.locks.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.locks / f"{key}.lock"))
 
     def new_build_dir(self) -> Path:
         """A fresh directory in ``tmp/`` for one build; left-overs of dead builds are removed first."""
