@@ -117,12 +117,16 @@ class StatCache:
     def digest(self, path: Path, with_sha256: bool = False) -> FileDigest:
         """The file's digest, from the cache when its stat is unchanged, else by reading it once.
 
-        This process also remembers the digests of files too freshly written to be persisted, once
-        ``RECENT_SECONDS`` old: a run right after a checkout or a ``touch`` reads each file once, not once per
-        target using it.
+        This process also remembers the digests of files too freshly written to be persisted, once they are
+        ``RECENT_SECONDS`` old (it waits for a file younger than that): a run right after a checkout or a
+        ``touch`` reads each file once, not once per target using it.
         """
         path = Path(os.path.abspath(path))
         st = path.stat()
+        young = RECENT_SECONDS - (time.time_ns() - st.st_mtime_ns) / 1e9
+        if young > 0:  # written a moment ago: wait, so that the digest can be remembered (read once)
+            time.sleep(young)
+            st = path.stat()
         signature = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
         known = self._recent.get(str(path))
         if known and known[0] == signature and (known[1].sha256 or not with_sha256):
@@ -145,6 +149,6 @@ class StatCache:
                     "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (str(path), *signature, result.xxh3_128, result.sha256),
                 )
-        elif age > RECENT_SECONDS:
+        elif age >= RECENT_SECONDS:
             self._recent[str(path)] = (signature, result)
         return result
