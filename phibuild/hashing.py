@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
-from tqdm import tqdm
 
 CHUNK = 1024 * 1024  # few syscalls, and small enough to stay in the L2 cache while xxh3 reads it
 PROGRESS_ABOVE = 256 * 1024 * 1024
@@ -41,6 +40,8 @@ class FileDigest:
 def hash_file(path: Path, with_sha256: bool = False) -> FileDigest:
     """Read ``path`` once in 1 MiB chunks and return its xxh3-128 (and sha256 if asked)."""
     global bytes_read
+    from tqdm import tqdm  # here, not at the top: a no-op run hashes nothing and need not import it
+
     xxh = xxhash.xxh3_128()
     sha = hashlib.sha256() if with_sha256 else None
     size = os.path.getsize(path)
@@ -93,13 +94,25 @@ class StatCache:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER,"
-            " ino INTEGER, dev INTEGER, xxh3 TEXT, sha256 TEXT)"
-        )
+        self._setup()
         self._lock = threading.Lock()
         self._recent: dict[str, tuple[tuple[int, int, int, int], FileDigest]] = {}
+
+    def _setup(self, attempts: int = 200) -> None:
+        """WAL mode and the table. Switching to WAL does not wait on SQLite's busy timeout: when two
+        processes open a new cache at once, one is told "database is locked" and tries again."""
+        for attempt in range(attempts):
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute(
+                    "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER,"
+                    " ino INTEGER, dev INTEGER, xxh3 TEXT, sha256 TEXT)"
+                )
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == attempts - 1:
+                    raise
+                time.sleep(0.05)
 
     def close(self) -> None:
         self._db.close()

@@ -84,3 +84,28 @@ def test_tree_digest_ignores_listing_order():
     assert digest_tree(files) == digest_tree(dict(reversed(list(files.items()))))
     assert digest_tree(files) != digest_tree({**files, "a.json": "4" * 32})
     assert digest_tree(files) != digest_tree({"renamed.json" if k == "a.json" else k: v for k, v in files.items()})
+
+
+def _open_and_hash(cache_path, file_path, start, results) -> None:
+    start.wait()
+    results.put(StatCache(cache_path).digest(file_path).xxh3_128)
+
+
+def test_processes_opening_a_new_cache_at_once_all_succeed(tmp_path):
+    """Opening a new cache switches it to WAL, which does not wait for a busy database: racing processes
+    must retry rather than fail ("database is locked", seen with two doit processes building one target)."""
+    import multiprocessing
+
+    path = _old_file(tmp_path / "w.bin", b"w" * 1000)
+    results = multiprocessing.Queue()
+    for round_ in range(20):
+        start = multiprocessing.Barrier(4)
+        workers = [multiprocessing.Process(target=_open_and_hash,
+                                           args=(tmp_path / f"c{round_}.sqlite", path, start, results))
+                   for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        assert [worker.exitcode for worker in workers] == [0, 0, 0, 0]
+    assert {results.get() for _ in range(80)} == {xxhash.xxh3_128_hexdigest(b"w" * 1000)}
