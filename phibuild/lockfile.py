@@ -15,7 +15,6 @@ import tomllib
 from pathlib import Path
 
 import tomli_w
-from filelock import FileLock
 
 from .errors import LockError
 
@@ -32,7 +31,7 @@ class Lockfile:
         """``mutex``: the file to lock writers on (default beside the lock); a project keeps it in its store,
         out of the way of ``git status``."""
         self.path = path
-        self._mutex = FileLock(str(mutex or path.with_name(path.name + ".lock")))
+        self._mutex = mutex or path.with_name(path.name + ".lock")
         self._parsed: tuple[tuple[int, int, int], dict[str, dict]] | None = None
 
     def read(self) -> dict[str, dict]:
@@ -55,7 +54,7 @@ class Lockfile:
 
     def put(self, name: str, entry: dict | None) -> None:
         """Set (or with ``None`` remove) one entry, atomically and safely against concurrent writers."""
-        with self._mutex:
+        with self._writers():
             entries = parse(self.path.read_text(), self.path) if self.path.exists() else {}
             if entry is None:
                 entries.pop(name, None)
@@ -65,8 +64,14 @@ class Lockfile:
 
     def put_all(self, entries: dict[str, dict]) -> None:
         """Replace the whole lock in one atomic write (``doit assemble``)."""
-        with self._mutex:
+        with self._writers():
             self._write(entries)
+
+    def _writers(self):
+        """The inter-process lock writers hold (filelock is imported here: a no-op run writes nothing)."""
+        from filelock import FileLock
+
+        return FileLock(str(self._mutex))
 
     def _write(self, entries: dict[str, dict]) -> None:
         body = tomli_w.dumps(_sorted({"version": FORMAT, "artifacts": entries}))
