@@ -36,6 +36,10 @@ class FileDigest:
     xxh3_128: str
     sha256: str | None = None
 
+    def as_dict(self) -> dict:
+        """As manifests and artifacts.lock write a file's digests."""
+        return {"size": self.size, "xxh3_128": self.xxh3_128, "sha256": self.sha256}
+
 
 def hash_file(path: Path, with_sha256: bool = False) -> FileDigest:
     """Read ``path`` once in 1 MiB chunks and return its xxh3-128 (and sha256 if asked)."""
@@ -67,10 +71,7 @@ def digest_files(directory: Path) -> dict[str, dict]:
     """``{relative posix path: {size, xxh3_128, sha256}}`` of every file under ``directory``, read in full."""
     files = {}
     for path in sorted(p for p in Path(directory).rglob("*") if p.is_file()):
-        digest = hash_file(path, with_sha256=True)
-        files[path.relative_to(directory).as_posix()] = {
-            "size": digest.size, "xxh3_128": digest.xxh3_128, "sha256": digest.sha256,
-        }
+        files[path.relative_to(directory).as_posix()] = hash_file(path, with_sha256=True).as_dict()
     return files
 
 
@@ -120,12 +121,12 @@ class StatCache:
     def record(self, path: Path, digest: FileDigest) -> None:
         """Trust ``digest`` for ``path`` as it is now: for files phibuild itself just wrote and hashed."""
         st = Path(path).stat()
+        self._persist(os.path.abspath(path), (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev), digest)
+
+    def _persist(self, path: str, signature: tuple[int, int, int, int], digest: FileDigest) -> None:
         with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev,
-                 digest.xxh3_128, digest.sha256),
-            )
+            self._db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (path, *signature, digest.xxh3_128, digest.sha256))
 
     def digest(self, path: Path, with_sha256: bool = False) -> FileDigest:
         """The file's digest, from the cache when its stat is unchanged, else by reading it once.
@@ -137,7 +138,7 @@ class StatCache:
         path = Path(os.path.abspath(path))
         st = path.stat()
         young = RECENT_SECONDS - (time.time_ns() - st.st_mtime_ns) / 1e9
-        if young > 0:  # written a moment ago: wait, so that the digest can be remembered (read once)
+        if 0 < young <= RECENT_SECONDS:  # written a moment ago: wait, so that the digest can be remembered
             time.sleep(young)
             st = path.stat()
         signature = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
@@ -157,11 +158,7 @@ class StatCache:
             return result  # written to while we read it: trust nothing
         age = (started - st.st_mtime_ns) / 1e9
         if age > RACY_SECONDS:
-            with self._lock:
-                self._db.execute(
-                    "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (str(path), *signature, result.xxh3_128, result.sha256),
-                )
+            self._persist(str(path), signature, result)
         elif age >= RECENT_SECONDS:
             self._recent[str(path)] = (signature, result)
         return result

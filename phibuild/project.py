@@ -22,7 +22,7 @@ from .backends import Backend
 from .catalog import ModelSpec
 from .config import Config, load
 from .errors import BuildError, LockError, PhibuildError, SourceError, UnsupportedError
-from .hashing import FileDigest, digest_files, digest_json
+from .hashing import digest_files, digest_json
 from .lockfile import Lockfile, merge
 from .remote import Remote
 from .store import Entry, Store
@@ -91,14 +91,14 @@ class Project:
 
     def _list_targets(self) -> tuple[list[Target], list[str]]:
         found, skipped = [], []
+        architectures = {name: self.architecture(self.config.model(name)) for name in self.config.models}
         for backend_name in self.config.backends:
             backend = backends.get(backend_name)
             if not backend.installed():
                 skipped.append(f"{backend_name}: not installed (pip install 'phibuild[{backend.extra}]')")
                 continue
             for model_name in self.config.models:
-                model = self.config.model(model_name)
-                arch = self.architecture(model)
+                model, arch = self.config.model(model_name), architectures[model_name]
                 for precision in self.config.precisions:
                     params = backend.params(precision, self.config.overrides(backend_name, precision))
                     reason = arch and backend.refuse(arch, precision, params)
@@ -130,8 +130,9 @@ class Project:
                 return None
         return None
 
-    def visible(self, target: Target) -> Path:
-        return self.root / self.config.build / target.name
+    def visible(self, name: str) -> Path:
+        """Where the artifact of target ``name`` is shown to the user."""
+        return self.root / self.config.build / name
 
     @property
     def _caches(self) -> str:
@@ -149,8 +150,9 @@ class Project:
         model, entry = target.model, self.lock.get(target.name)
         revision, source = None, None
         if model.repo:
-            revision = self._pinned_revision(model, entry)
-            if fetch or revision is None or entry is None:
+            locked = entry is not None and entry.get("source") == self.origin(model)  # built from this origin
+            revision = self._pinned_revision(model, entry if locked else None)
+            if fetch or revision is None or not locked:
                 revision = revision or sources.resolve_revision(model)
                 source = sources.fetch(model, revision, self.store.statcache)
                 digest = source.digest
@@ -165,11 +167,10 @@ class Project:
         return Plan(target, parts, keys.cache_key(parts), revision, source)
 
     def _pinned_revision(self, model: ModelSpec, entry: dict | None) -> str | None:
+        """The commit asked for in full, else the one ``entry`` (built from this model's origin) pins."""
         if model.revision and FULL_SHA.match(model.revision):
             return model.revision
-        if entry and entry.get("source") == self.origin(model) and entry.get("revision"):
-            return entry["revision"]
-        return None
+        return entry.get("revision") if entry else None
 
     def origin(self, model: ModelSpec) -> str:
         if model.path is not None and not model.embedded:
@@ -201,8 +202,8 @@ class Project:
         damaged = self.store.damaged_files(stored, entry["files"])
         if damaged:
             return f"store files differ from artifacts.lock: {', '.join(damaged)}"
-        if not self.store.visible_matches(stored, self.visible(target)):
-            return f"{self.visible(target)} is missing or modified (restorable from the store)"
+        if not self.store.visible_matches(stored, self.visible(target.name)):
+            return f"{self.visible(target.name)} is missing or modified (restorable from the store)"
         return None
 
     # -- build -----------------------------------------------------------------------------------
@@ -220,16 +221,15 @@ class Project:
         stored, action = self._obtain(plan.key, target.name, expected,
                                       lambda: self._build_into_store(self._fetched(plan)))
         entry = self._lock_entry(plan, stored)
-        if frozen() and locked is not None and locked["files"] != entry["files"]:
-            changed = sorted(n for n in set(locked["files"]) | set(entry["files"])
-                             if locked["files"].get(n) != entry["files"].get(n))
-            raise LockError(
-                f"{target.name}: rebuilt with the locked key but the output differs in {', '.join(changed)}; "
-                "PHIBUILD_FROZEN is set, so artifacts.lock is left as it is"
-            )
-        how = self.store.link_visible(stored, self.visible(target), target.backend.unlinkable)
-        self.lock.put(target.name, entry)
-        return f"{action}; shown at {self.shown(self.visible(target))} by {how}"
+        if frozen() and entry != locked:
+            changed = [f"files {', '.join(_differing(locked['files'], entry['files']))}" if field == "files" else field
+                       for field in _differing(locked, entry)]
+            raise LockError(f"{target.name}: artifacts.lock would change ({'; '.join(changed)}) and "
+                            "PHIBUILD_FROZEN is set, so it is left as it is; build without it and commit the lock")
+        how = self.store.link_visible(stored, self.visible(target.name), target.backend.unlinkable)
+        if entry != locked:
+            self.lock.put(target.name, entry)
+        return f"{action}; shown at {self.shown(self.visible(target.name))} by {how}"
 
     def _obtain(self, key: str, label: str, expected: dict | None, build: Callable[[], Entry]) -> tuple[Entry, str]:
         """The store entry for ``key`` and how it came: from the store, else the remote, else ``build()``
@@ -315,13 +315,13 @@ class Project:
             key, label, parts, source, make, f"{backend.title} intermediate {params}"))
         return stored
 
-    def _seal(self, key: str, label: str, parts: dict, source: sources.Source, make, what: str) -> Entry:
+    def _seal(self, key: str, label: str, parts: dict, source: sources.Source, make: Callable[[Path], dict],
+              what: str) -> Entry:
         """Run ``make(output)`` in a fresh build directory, verify, and publish the result under ``key``.
 
         ``make`` returns extra manifest fields. Anything that fails leaves nothing in the store.
         """
-        build_dir = self.store.new_build_dir()
-        try:
+        with self.store.building() as build_dir:
             output = build_dir / "artifact"
             output.mkdir()
             print(f"phibuild: building {label}: {what} (key {key[:12]})", flush=True)
@@ -332,25 +332,14 @@ class Project:
             if not files:
                 raise BuildError(f"{label}: the build wrote no files")
             manifest = {"key": key, "target": label, "parts": parts, "files": files, **extra}
-            entry = self.store.publish(build_dir, key, manifest)
-        except BaseException:
-            shutil.rmtree(build_dir, ignore_errors=True)
-            raise
-        for name, digest in files.items():  # just hashed by us: later checks need not read them again
-            self.store.statcache.record(entry.artifact / name, FileDigest(**digest))
-        return entry
+            return self.store.publish(build_dir, key, manifest)
 
     def _lock_entry(self, plan: Plan, stored: Entry) -> dict:
         target = plan.target
         entry = {
             "model": target.model.name,
             "source": self.origin(target.model),
-            "source_digest": plan.parts["source"],
-            "backend": target.backend.name,
-            "versions": plan.parts["versions"],
-            "precision": target.precision,
-            "params": plan.parts["params"],
-            "recipe": plan.parts["recipe"],
+            **{field: plan.parts[part] for part, field in keys.LOCK_FIELDS.items()},
             "key": plan.key,
             "files": stored.files,
             "smoke": stored.manifest["smoke"],
@@ -408,8 +397,12 @@ class Project:
 
     def clean(self, target: Target) -> None:
         """Remove the visible artifact; the store keeps it, so the next build restores it at once."""
-        visible = self.visible(target)
+        visible = self.visible(target.name)
         if visible.exists():
             shutil.rmtree(visible)
             print(f"phibuild: removed {self.shown(visible)} (kept in the store)")
 
+
+def _differing(old: dict, new: dict) -> list[str]:
+    """The keys whose values differ between two dictionaries, sorted."""
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))

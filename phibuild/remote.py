@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import threading
 import uuid
@@ -81,26 +80,20 @@ class Remote:
             return None
 
     def _pull(self, key: str, store: Store, expected: dict[str, dict] | None) -> Entry | None:
-        try:
-            manifest = json.loads(self._fs.cat_file(self._manifest_path(key)))
-        except FileNotFoundError:
+        manifest = self._manifest(key)
+        if manifest is None:
             return None
         files = manifest["files"]
         if expected is not None and files != expected:
             raise ValueError(f"its manifest lists other files than artifacts.lock pins for key {key}")
-        build_dir = store.new_build_dir()
-        try:
+        with store.building() as build_dir:
             for name, want in sorted(files.items()):
                 path = build_dir / "artifact" / name
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self._fs.get_file(self._blob_path(want["xxh3_128"]), str(path))
-                got = hash_file(path, with_sha256=True)
-                if (got.size, got.xxh3_128, got.sha256) != (want["size"], want["xxh3_128"], want["sha256"]):
+                if hash_file(path, with_sha256=True).as_dict() != want:
                     raise ValueError(f"{name} does not match the digests in its manifest")
             return store.publish(build_dir, key, manifest)
-        except BaseException:
-            shutil.rmtree(build_dir, ignore_errors=True)
-            raise
 
     def push(self, entry: Entry) -> bool:
         """Upload ``entry``'s blobs, then its manifest. A failure is a warning: the build stays good."""
@@ -120,9 +113,16 @@ class Remote:
             return False
 
     def has(self, key: str) -> dict | None:
-        """The manifest of ``key`` on the remote, or None."""
+        """The manifest of ``key`` on the remote, or None (also when the remote fails, with a warning)."""
         if not self.usable():
             return None
+        try:
+            return self._manifest(key)
+        except Exception as exc:
+            _warn(f"reading {key} on {self.url} failed ({type(exc).__name__}: {exc})")
+            return None
+
+    def _manifest(self, key: str) -> dict | None:
         try:
             return json.loads(self._fs.cat_file(self._manifest_path(key)))
         except FileNotFoundError:

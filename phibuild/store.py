@@ -23,6 +23,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,17 +97,28 @@ class Store:
         self._remove_dead_builds()
         return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=self.tmp))
 
+    @contextmanager
+    def building(self) -> Iterator[Path]:
+        """A fresh build directory, removed if anything fails before it is published."""
+        build_dir = self.new_build_dir()
+        try:
+            yield build_dir
+        except BaseException:
+            shutil.rmtree(build_dir, ignore_errors=True)
+            raise
+
     def _remove_dead_builds(self) -> None:
         for stale in self.tmp.iterdir():
             pid = stale.name.split("-", 1)[0]
             if pid.isdigit() and not _alive(int(pid)):
-                _remove_tree(stale)
+                shutil.rmtree(stale, ignore_errors=True)  # another process may be removing it too
 
     def publish(self, build_dir: Path, key: str, manifest: dict) -> Entry:
         """Seal ``build_dir`` (holding ``artifact/``) and move it to its key in one rename.
 
         If another process published the same key first, its entry wins and ours is discarded:
-        same key, same inputs, so either is right.
+        same key, same inputs, so either is right. The manifest's digests are those of files the caller
+        has just hashed: they are recorded, so that later checks need not read the files again.
         """
         (build_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         for path in sorted(build_dir.rglob("*")):
@@ -120,8 +133,12 @@ class Store:
             if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise
             _remove_tree(build_dir)
+            return self.get(key)
         _fsync_dir(final.parent)
-        return self.get(key)
+        entry = self.get(key)
+        for name, digest in entry.files.items():
+            self.statcache.record(entry.artifact / name, FileDigest(**digest))
+        return entry
 
     def entries(self) -> list[Entry]:
         """Every published entry, by key."""
@@ -154,7 +171,7 @@ class Store:
         for name, method in methods.items():
             if method != "hardlink":
                 want = entry.files[name]
-                self.statcache.record(visible / name, FileDigest(want["size"], want["xxh3_128"], want["sha256"]))
+                self.statcache.record(visible / name, FileDigest(**want))
         used = set(methods.values())
         return "copy" if "copy" in used else "hardlink" if "hardlink" in used else "reflink"
 

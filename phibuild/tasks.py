@@ -17,7 +17,10 @@ never a traceback: bad settings as doit's "ERROR:", a failed build as a failed t
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from doit.exceptions import InvalidTask, TaskFailed
@@ -51,7 +54,7 @@ class Fresh:
     def __init__(self, root: Path, name: str):
         self.root, self.name, self.reason = root, name, "not checked yet"
 
-    def __call__(self, task, values) -> bool:
+    def __call__(self, task: object, values: dict) -> bool:
         try:
             proj = project(self.root)
             self.reason = proj.status(proj.target(self.name)) or "up to date"
@@ -63,33 +66,52 @@ class Fresh:
         return self.reason
 
 
-def build(root: str, name: str) -> str | TaskFailed:
-    """The task action: make one target fresh. A phibuild error fails the task with its message alone."""
-    try:
-        proj = project(Path(root))
-        message = f"phibuild: {name}: {proj.build(proj.target(name))}"
-    except PhibuildError as exc:
-        return TaskFailed(f"phibuild: {exc}")
+def _action(function: Callable) -> Callable:
+    """A task action whose phibuild errors fail the task with their message alone, never a traceback."""
+
+    @functools.wraps(function)  # doit reads the signature to pass command-line parameters
+    def run(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except PhibuildError as exc:
+            return TaskFailed(f"phibuild: {exc}")
+
+    return run
+
+
+@_action
+def build(root: str, name: str) -> str:
+    """The task action: make one target fresh."""
+    proj = project(Path(root))
+    message = f"phibuild: {name}: {proj.build(proj.target(name))}"
     print(message, flush=True)
     return message
 
 
+@_action
 def clean(root: str, name: str) -> None:
     proj = project(Path(root))
     proj.clean(proj.target(name))
 
 
-def _loaded(root: Path | None = None) -> tuple[Project, list[Target], list[str]]:
-    """The project and its targets, or doit's "ERROR:" with phibuild's message for broken settings."""
+@contextmanager
+def _settings_errors() -> Iterator[None]:
+    """Broken settings or a broken lock, met while loading tasks: doit's "ERROR:" with phibuild's message."""
     try:
-        proj = project(root)
-        found, skipped = proj.targets()
+        yield
     except PhibuildError as exc:
         raise InvalidTask(f"phibuild: {exc}") from None
+
+
+def _loaded(root: Path | None = None) -> tuple[Project, list[Target], list[str]]:
+    """The project and its targets."""
+    with _settings_errors():
+        proj = project(root)
+        found, skipped = proj.targets()
     return proj, found, skipped
 
 
-def quantize_tasks(root: Path | None = None):
+def quantize_tasks(root: Path | None = None) -> Iterator[dict]:
     """Yield the task dictionaries of every buildable target of the project at ``root``."""
     proj, found, skipped = _loaded(root)
     yield {
@@ -106,7 +128,7 @@ def quantize_tasks(root: Path | None = None):
             "doc": _doc(target),
             "actions": [(build, [root_text, target.name])],
             "uptodate": [Fresh(proj.root, target.name)],
-            "targets": [str(proj.visible(target))],
+            "targets": [str(proj.visible(target.name))],
             "clean": [(clean, [root_text, target.name])],
             "verbosity": 2,
         }
@@ -118,17 +140,18 @@ def _doc(target: Target) -> str:
     return f"{target.model.name} ({source}) -> {target.backend.title} {target.precision} [{params}]"
 
 
-def task_quantize():
+def task_quantize() -> Iterator[dict]:
     """Quantize Phi models into content-addressed, locked artifacts."""
     yield from quantize_tasks()
 
 
-def task_verify():
+def task_verify() -> dict:
     """Check every artifact in artifacts.lock against the store and build/, reading every byte."""
     proj, _, _ = _loaded()
     return {"actions": [(_verify, [str(proj.root)])], "verbosity": 2}
 
 
+@_action
 def _verify(root: str) -> TaskFailed | None:
     problems = verify.verify(project(Path(root)))
     for problem in problems:
@@ -139,22 +162,21 @@ def _verify(root: str) -> TaskFailed | None:
     return None
 
 
-def task_reproduce():
+def task_reproduce() -> Iterator[dict]:
     """Rebuild locked artifacts from scratch, bypassing every cache, and compare their bytes with the lock."""
     proj, found, _ = _loaded()
-    locked = proj.lock.read()
+    with _settings_errors():
+        locked = proj.lock.read()
     for target in found:
         if target.name in locked:
             yield {"name": target.name, "doc": f"rebuild {target.name} and compare it with artifacts.lock",
                    "actions": [(_reproduce, [str(proj.root), target.name])], "verbosity": 2}
 
 
+@_action
 def _reproduce(root: str, name: str) -> TaskFailed | None:
-    try:
-        proj = project(Path(root))
-        problems = verify.reproduce(proj, proj.target(name))
-    except PhibuildError as exc:
-        return TaskFailed(f"phibuild: {exc}")
+    proj = project(Path(root))
+    problems = verify.reproduce(proj, proj.target(name))
     if problems:
         print(f"phibuild: {name}: NOT reproducible: " + "; ".join(problems), flush=True)
         return TaskFailed(f"phibuild: {name} is not bit-reproducible")
@@ -162,26 +184,23 @@ def _reproduce(root: str, name: str) -> TaskFailed | None:
     return None
 
 
-def task_release():
+def task_release() -> dict:
     """Gather artifacts into the release directory with a model card each and SHA256SUMS."""
     proj, _, _ = _loaded()
     return {"actions": [(_release, [str(proj.root)])], "verbosity": 2}
 
 
-def _release(root: str) -> TaskFailed | None:
+@_action
+def _release(root: str) -> None:
     proj = project(Path(root))
     names = proj.config.release if proj.config.release is not None else sorted(proj.lock.read())
     directory = proj.root / proj.config.release_dir
-    try:
-        lines = release.release(proj, names, directory)
-    except PhibuildError as exc:
-        return TaskFailed(f"phibuild: {exc}")
+    lines = release.release(proj, names, directory)
     print(f"phibuild: released {len(names)} artifacts ({len(lines)} files) in {directory}; "
           f"check them with: cd {directory} && sha256sum -c SHA256SUMS", flush=True)
-    return None
 
 
-def task_gc():
+def task_gc() -> dict:
     """List store entries artifacts.lock does not reference (`doit gc --delete` removes them)."""
     proj, _, _ = _loaded()
     return {"actions": [(_gc, [str(proj.root)])], "verbosity": 2,
@@ -189,6 +208,7 @@ def task_gc():
                         "help": "remove the unreferenced entries (default: only list them)"}]}
 
 
+@_action
 def _gc(root: str, delete: bool) -> None:
     proj = project(Path(root))
     locked = proj.lock.read().values()
@@ -204,7 +224,7 @@ def _gc(root: str, delete: bool) -> None:
     print(f"phibuild: gc: {len(garbage)} unreferenced entries, {total:.1f} MiB {verb}", flush=True)
 
 
-def task_assemble():
+def task_assemble() -> dict:
     """Write artifacts.lock from the locks of CI jobs that each built a slice of the targets."""
     proj, _, _ = _loaded()
     return {"actions": [(_assemble, [str(proj.root)])], "verbosity": 2,
@@ -212,15 +232,13 @@ def task_assemble():
                         "help": "glob of the slice lock files, relative to the project"}]}
 
 
+@_action
 def _assemble(root: str, slices: str) -> TaskFailed | None:
     proj = project(Path(root))
     paths = sorted(proj.root.glob(slices))
     if not paths:
         return TaskFailed(f"phibuild: no slice lock files match {slices!r} in {proj.root}")
-    try:
-        taken = proj.assemble(paths)
-    except PhibuildError as exc:
-        return TaskFailed(f"phibuild: {exc}")
+    taken = proj.assemble(paths)
     print(f"phibuild: assembled artifacts.lock from {len(paths)} slices; "
           f"{len(taken)} entries taken from them: {', '.join(taken) or 'none'}", flush=True)
     return None

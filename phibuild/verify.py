@@ -23,7 +23,7 @@ def verify(project: Project) -> list[str]:
         if stored is None:
             problems.append(f"{name}: key {entry['key']} is not in the store {project.store.root}")
         places = [("store", stored.artifact)] if stored else []
-        places.append(("build", project.root / project.config.build / name))
+        places.append(("build", project.visible(name)))
         for place, directory in places:
             problems += [f"{name}: {place}: {problem}" for problem in _compare(directory, entry["files"], seen)]
     return problems
@@ -42,8 +42,7 @@ def _compare(directory: Path, files: dict[str, dict], seen: dict[tuple[int, int]
             continue
         inode = (st.st_dev, st.st_ino)
         if inode not in seen:
-            digest = hash_file(path, with_sha256=True)
-            seen[inode] = {"size": digest.size, "xxh3_128": digest.xxh3_128, "sha256": digest.sha256}
+            seen[inode] = hash_file(path, with_sha256=True).as_dict()
         got = seen[inode]
         if got != want:
             problems.append(f"{name} differs: {_describe(got)}, locked {_describe(want)}")

@@ -165,10 +165,20 @@ def test_frozen_mode_accepts_an_unchanged_lock(tmp_path, capsys, shared_store, m
     root = write_project(tmp_path / "p", ["a"], ["onnx"], ["int4"], local={"a": a}, store=shared_store)
     assert run_doit(root, capsys=capsys).code == 0
     shutil.rmtree(root / "build")
+    lock_inode = (root / "artifacts.lock").stat().st_ino
     monkeypatch.setenv("PHIBUILD_FROZEN", "1")
     run = run_doit(root, capsys=capsys)
     assert run.code == 0, run.output
     assert run.restored == ["a-int4-onnx"]
+    assert (root / "artifacts.lock").stat().st_ino == lock_inode  # an unchanged entry is not written again
+
+    moved = copy_model("phi3-tiny", tmp_path / "moved")  # same bytes, same key: only the lock's source differs
+    before = lock_of(root)
+    write_project(root, ["a"], ["onnx"], ["int4"], local={"a": moved}, store=shared_store)
+    run = run_doit(root, capsys=capsys)
+    assert run.code != 0
+    assert "a-int4-onnx: artifacts.lock would change (source) and PHIBUILD_FROZEN is set" in run.output
+    assert lock_of(root) == before
 
 
 def test_deleted_artifact_is_restored_and_a_damaged_store_file_rebuilt(tmp_path, capsys, shared_store):

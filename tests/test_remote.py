@@ -60,6 +60,8 @@ def test_a_key_built_on_one_machine_is_pulled_by_another(tmp_path, capsys, model
     assert Lockfile(two / "artifacts.lock").get(TARGET) == entry
     for name in entry["files"]:
         assert (two / "build" / TARGET / name).read_bytes() == (one / "build" / TARGET / name).read_bytes()
+    again = run_doit(two, capsys=capsys)
+    assert (again.code, again.built, again.bytes_read) == (0, [], 0), again.output  # pulled files: hashed once
 
 
 def test_a_tampered_remote_blob_is_refused_and_the_build_goes_on_locally(tmp_path, capsys, model):

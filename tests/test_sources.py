@@ -238,3 +238,23 @@ def test_an_unreachable_hub_fails_fast_and_says_how_to_fix_it(tmp_path: Path, mo
     message = str(failure.value)
     for hint in ("my-phi", REPO_ID, "network", "HF_TOKEN", "HF_ENDPOINT", "[tool.phibuild.model.my-phi] path = "):
         assert hint in message, message
+
+
+def test_a_newly_pinned_commit_is_built_from_its_own_weights(
+        hub: FakeHub, local: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Pinning another full commit in pyproject.toml builds that commit's weights, not the locked digest."""
+    files = tree(local)
+    first = hub.push(REPO_ID, files)
+    second = hub.push(REPO_ID, {**files, "model.safetensors": retrained(files["model.safetensors"])})
+
+    def pin(commit: str) -> dict:
+        write_project(tmp_path / "project", ["my-phi"], ["onnx"], ["int4"],
+                      extra=f'[tool.phibuild.model.my-phi]\nrepo = "{REPO_ID}"\nrevision = "{commit}"\n')
+        run = run_doit(tmp_path / "project", capsys=capsys)
+        assert run.code == 0 and run.built == [TARGET], run.output
+        return Lockfile(tmp_path / "project" / "artifacts.lock").get(TARGET)
+
+    old, new = pin(first), pin(second)
+    assert (old["revision"], new["revision"]) == (first, second)
+    assert new["source_digest"] != old["source_digest"]
+    assert new["key"] != old["key"]
