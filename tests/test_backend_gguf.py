@@ -28,7 +28,7 @@ from transformers import AutoTokenizer, Phi3Config, PhimoeConfig, PhimoeForCausa
 from phibuild.backends import get
 from phibuild.backends.gguf import TYPES, quantize
 from phibuild.catalog import EMBEDDED, EMBEDDED_DIR
-from phibuild.errors import UnsupportedError
+from phibuild.errors import ConfigError, UnsupportedError
 from phibuild.hf_to_gguf import O200K, Rope, convert
 from phibuild.lockfile import Lockfile
 from phibuild.project import Project
@@ -344,18 +344,18 @@ def test_phimoe_experts_are_stacked_as_llama_cpp_expects(tmp_path):
 # -- refusals ------------------------------------------------------------------------------------
 
 
-def test_phi3_small_and_unknown_types_are_refused_with_the_reason(tmp_path):
+def test_phi3_small_is_left_out_and_bad_types_are_a_settings_error(tmp_path):
     root = write_project(tmp_path / "small", ["phi3-small-8k"], ["gguf"], ["int4"])
     with pytest.raises(UnsupportedError, match=r"llama\.cpp has no architecture for Phi-3-small"):
         Project.load(root).target("phi3-small-8k-int4-gguf")
-    root = write_project(tmp_path / "type", ["phi3-tiny"], ["gguf"], ["int4", "int8"],
-                         extra='[tool.phibuild.params.gguf.int4]\ntype = "Q4_K_X"\n'
-                               '[tool.phibuild.params.gguf.int8]\nbase = "q8_0"\ntype = "Q6_K"\n')
-    project = Project.load(root)
-    with pytest.raises(UnsupportedError, match=r"unknown llama.cpp type 'Q4_K_X'; choose one of F32, F16, .*Q4_K_M"):
-        project.target("phi3-tiny-int4-gguf")
-    with pytest.raises(UnsupportedError, match="base q8_0 is already quantized; it builds only type Q8_0, not Q6_K"):
-        project.target("phi3-tiny-int8-gguf")
+    for precision, settings, message in [
+        ("int4", 'type = "Q4_K_X"', r"unknown llama.cpp type 'Q4_K_X'; choose one of F32, F16, .*Q4_K_M"),
+        ("int8", 'base = "q8_0"\ntype = "Q6_K"', "base q8_0 is already quantized; it builds only type Q8_0, not Q6_K"),
+    ]:
+        root = write_project(tmp_path / precision, ["phi3-tiny"], ["gguf"], [precision],
+                             extra=f"[tool.phibuild.params.gguf.{precision}]\n{settings}\n")
+        with pytest.raises(ConfigError, match=f"backend gguf at {precision}: {message}"):
+            Project.load(root).target(f"phi3-tiny-{precision}-gguf")
 
 
 def test_every_offered_type_quantizes_and_loads(built, tmp_path):

@@ -23,7 +23,7 @@ from conftest import PROMPT, Run, copy_model, reference_logits, run_doit, write_
 from mlx_lm import load
 
 from phibuild.catalog import EMBEDDED, EMBEDDED_DIR
-from phibuild.errors import UnsupportedError
+from phibuild.errors import ConfigError, UnsupportedError
 from phibuild.lockfile import Lockfile
 from phibuild.project import Project
 
@@ -259,9 +259,14 @@ def test_two_projects_build_the_same_bytes(built, moe, tmp_path_factory):
         assert second[name]["smoke"] == first[name]["smoke"], name
 
 
+def test_what_mlx_lm_cannot_run_is_left_out_with_the_reason(tmp_path):
+    root = write_project(tmp_path, ["phi3-small-8k"], ["mlx"], ["int4"])
+    with pytest.raises(UnsupportedError, match=r"mlx-lm [\d.]+ converts Phi3SmallForCausalLM but cannot run it: "
+                                               r".* mlx-lm 0\.32\.2 fixes it"):
+        Project.load(root).target("phi3-small-8k-int4-mlx")
+
+
 @pytest.mark.parametrize(("model", "precision", "params", "reason"), [
-    ("phi3-small-8k", "int4", "", r"mlx-lm [\d.]+ converts Phi3SmallForCausalLM but cannot run it: .* "
-                                  r"mlx-lm 0\.32\.2 fixes it"),
     ("phi3-tiny", "int4", 'mode = "mxfp4"', r"mode mxfp4 is 4 bits in groups of 32: use it at int4 with bits = 4 "
                                             r"and group_size = 32"),
     ("phi3-tiny", "int4", "group_size = 256", r"group_size must be 32, 64 or 128 for affine quantization, not 256"),
@@ -270,11 +275,12 @@ def test_two_projects_build_the_same_bytes(built, moe, tmp_path_factory):
                                                   r"int4 only"),
     ("phi3-tiny", "int4", 'recipe = "mixed_3_6"\nbits = 3', r"recipe mixed_3_6 gives each layer 3 or 6 bits itself"),
     ("phi3-tiny", "fp32", 'dtype = "float16"', r"dtype at fp32 must be one of float32, not 'float16'"),
+    ("phi3-tiny", "fp32", 'trust_remote_code = "yes"', r"trust_remote_code must be true or false, not 'yes'"),
 ])
-def test_what_mlx_lm_cannot_do_is_refused_with_the_reason(tmp_path, model, precision, params, reason):
+def test_parameters_mlx_lm_cannot_use_are_a_settings_error(tmp_path, model, precision, params, reason):
     root = write_project(tmp_path, [model], ["mlx"], [precision],
                          extra=f"[tool.phibuild.params.mlx.{precision}]\n{params}\n")
-    with pytest.raises(UnsupportedError, match=reason):
+    with pytest.raises(ConfigError, match=f"backend mlx at {precision}: {reason}"):
         Project.load(root).target(f"{model}-{precision}-mlx")
 
 

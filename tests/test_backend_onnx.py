@@ -17,7 +17,7 @@ from conftest import PROMPT, reference_logits, run_doit, write_project
 from transformers import AutoTokenizer
 
 from phibuild.catalog import EMBEDDED, EMBEDDED_DIR
-from phibuild.errors import UnsupportedError
+from phibuild.errors import ConfigError, UnsupportedError
 from phibuild.lockfile import Lockfile
 from phibuild.project import Project
 
@@ -118,7 +118,7 @@ def test_unsupported_pairs_are_refused_with_the_reason(tmp_path):
     root = write_project(tmp_path, ["phi3-tiny"], ["onnx"], ["fp16"],
                          extra='[tool.phibuild.params.onnx.fp16]\nexecution_provider = "cpu"\n')
     project = Project.load(root)
-    with pytest.raises(UnsupportedError, match=r"builds fp16 for execution providers cuda, dml, not 'cpu'"):
+    with pytest.raises(ConfigError, match=r"onnx at fp16: .* builds fp16 for execution providers cuda, dml, not 'cpu'"):
         project.target("phi3-tiny-fp16-onnx")
     root = write_project(tmp_path / "moe", ["phi35-moe"], ["onnx"], ["int4"])
     with pytest.raises(UnsupportedError, match="PhiMoE only as int4 for CUDA"):

@@ -19,13 +19,20 @@ def assert_nothing_written(root: Path) -> None:
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"models": ["phi9-giant"]}, "unknown model 'phi9-giant'. Known models: "),
-        ({"precisions": ["int3"]}, "unknown precision int3; choose from int4, int8, fp16, fp32"),
-        ({"backends": ["tensorrt"]}, "unknown backend 'tensorrt'; phibuild has onnx"),
+        ({"models": ["phi3-tiny", "phi9-giant"]}, "unknown model 'phi9-giant'. Known models: "),
+        ({"precisions": ["int4", "int3"]}, "unknown precision int3; choose from int4, int8, fp16, fp32"),
+        ({"backends": ["onnx", "tensorrt"]}, "unknown backend 'tensorrt'; phibuild has onnx"),
         ({"extra": "[tool.phibuild.params.onnx.int4]\nblock = 64\n"},
          "backend onnx at int4 has no parameter block; its parameters are accuracy_level, algo_config, block_size"),
-        ({"extra": "[tool.phibuild.params.onnx.int4]\nblock_size = 48\n"}, "left out: phi3-tiny-int4-onnx: "
-         "block_size must be 16, 32, 64, 128 or 256, not 48"),
+        ({"extra": "[tool.phibuild.params.onnx.int4]\nblock_size = 48\n"},
+         "backend onnx at int4: block_size must be 16, 32, 64, 128 or 256, not 48"),
+        ({"extra": "[tool.phibuild.params.onnx]\nalgo_config = 'gptq'\n"},
+         "backend onnx at int4: algo_config must be one of default, rtn, k_quant, not 'gptq'"),
+        ({"extra": "[tool.phibuild.params.onnx.fp32]\nexecution_provider = 'dml'\n", "precisions": ["int4", "fp32"]},
+         "backend onnx at fp32: ONNX Runtime GenAI builds fp32 for execution providers cpu, cuda, not 'dml'"),
+        ({"extra": "[tool.phibuild.model.mine]\nrepo = 'me/mine'\n[tool.phibuild.params.onnx.int4]\n"
+                   "block_size = 48\n", "models": ["mine"]},
+         "backend onnx at int4: block_size must be 16, 32, 64, 128 or 256, not 48"),  # checked before any download
         ({"extra": "[tool.phibuild.model.mine]\nrepo = 'me/mine'\npath = 'x'\n"}, "needs exactly one of path or repo"),
         ({"extra": "colour = 'blue'\n"}, "unknown [tool.phibuild] keys colour"),
     ],
@@ -34,9 +41,10 @@ def test_bad_settings_are_one_clear_error(tmp_path, capsys, settings, message):
     root = write_project(tmp_path, settings.get("models", ["phi3-tiny"]), settings.get("backends", ["onnx"]),
                          settings.get("precisions", ["int4"]), extra=settings.get("extra", ""))
     listed = run_doit(root, "list", capsys=capsys)
-    assert message in listed.output
+    assert listed.code != 0 and message in listed.output, listed.output
     assert "Traceback" not in listed.output
     built = run_doit(root, capsys=capsys)
+    assert built.code != 0 and message in built.output, built.output
     assert "Traceback" not in built.output
     assert_nothing_written(root)
 
@@ -94,3 +102,13 @@ def test_unknown_target_names_the_list_command(tmp_path, capsys):
     assert run.code != 0
     assert "quantize:phi3-tiny-int2-onnx" in run.output
     assert_nothing_written(root)
+
+
+@pytest.mark.parametrize("command", [["list"], [], ["verify"], ["gc"], ["release"]])
+def test_a_conflicted_lock_is_one_clear_error_for_every_command(tmp_path, capsys, command):
+    root = write_project(tmp_path, ["phi3-tiny"], ["onnx"], ["int4"])
+    (root / "artifacts.lock").write_text('version = 1\n<<<<<<< HEAD\n[artifacts."a"]\n=======\n>>>>>>> b\n')
+    run = run_doit(root, *command, capsys=capsys)
+    assert run.code != 0
+    assert "artifacts.lock:2: unresolved merge conflict marker '<<<<<<<'" in run.output
+    assert "Traceback" not in run.output

@@ -10,8 +10,9 @@ A backend is one file in this package defining a subclass of :class:`Backend` na
 - ``unlinkable`` (optional): output files its readers refuse as hardlinks, shown under ``build/`` as copies;
 - ``unsupported`` (optional): Phi architectures it cannot build, with the reason users are told;
 
-and implements ``refuse_params`` (why a precision/parameter set cannot be built, or None),
-``build`` (source directory to output directory) and ``smoke`` (load the output with the backend's own
+and implements ``check_params`` (what is wrong with parameter values: a settings error), optionally
+``refuse_architecture`` (why an architecture it builds cannot be built with these parameters: the target
+is left out), ``build`` (source directory to output directory) and ``smoke`` (load the output with the backend's own
 runtime and generate a few tokens). Heavy imports happen inside ``build`` and ``smoke`` only, so listing
 tasks stays fast.
 
@@ -72,7 +73,7 @@ class Backend:
         versions = {}
         for package in self.packages:
             try:
-                versions[package] = _installed(package)
+                versions[package] = installed_version(package)
             except importlib.metadata.PackageNotFoundError:
                 raise ConfigError(
                     f"backend {self.name} ({self.title}) needs {package}, which is not installed: "
@@ -101,18 +102,25 @@ class Backend:
                 f"its parameters are {', '.join(sorted(params))}"
             )
         params.update(overrides)
+        problem = self.check_params(precision, params)
+        if problem:
+            raise ConfigError(f"backend {self.name} at {precision}: {problem}")
         return params
 
+    def check_params(self, precision: str, params: dict[str, Any]) -> str | None:
+        """What is wrong with these parameter values, whatever the model, or None."""
+        return None
+
     def refuse(self, architecture: str, precision: str, params: dict[str, Any]) -> str | None:
-        """Why this combination cannot be built, or None when it can."""
+        """Why a model of this architecture cannot be built with these (checked) parameters, or None."""
         if architecture in self.unsupported:
             return f"{self.title} cannot build {architecture}: {self.unsupported[architecture]}"
         if architecture not in self.architectures:
             return f"{self.title} cannot build {architecture} (it builds {', '.join(sorted(self.architectures))})"
-        return self.refuse_params(architecture, precision, params)
+        return self.refuse_architecture(architecture, precision, params)
 
-    def refuse_params(self, architecture: str, precision: str, params: dict[str, Any]) -> str | None:
-        """Why these parameters cannot be built for an architecture the backend builds, or None."""
+    def refuse_architecture(self, architecture: str, precision: str, params: dict[str, Any]) -> str | None:
+        """Why an architecture the backend builds cannot be built with these parameters, or None."""
         return None
 
     def intermediate(self, precision: str, params: dict[str, Any]) -> dict[str, Any] | None:
@@ -132,7 +140,7 @@ class Backend:
 
 
 @functools.cache
-def _installed(package: str) -> str:
+def installed_version(package: str) -> str:
     """A distribution's version, read once per process (reading package metadata costs a millisecond)."""
     return importlib.metadata.version(package)
 

@@ -43,7 +43,7 @@ class GgufBackend(Backend):
     unsupported = {"Phi3SmallForCausalLM": "llama.cpp has no architecture for Phi-3-small (blocksparse "
                                            "attention, tiktoken tokenizer); build it with the onnx backend"}
 
-    def refuse_params(self, architecture: str, precision: str, params: dict[str, Any]) -> str | None:
+    def check_params(self, precision: str, params: dict[str, Any]) -> str | None:
         kind, base = params["type"], params["base"]
         if kind not in TYPES:
             return f"unknown llama.cpp type {kind!r}; choose one of {', '.join(TYPES)}"

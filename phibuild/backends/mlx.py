@@ -26,7 +26,7 @@ models in 16 bits cannot run (float32-only gather_mm), so their smoke check says
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
+import functools
 import importlib.util
 import io
 import json
@@ -35,11 +35,9 @@ import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
-from packaging.version import Version
-
 from .. import sources
 from ..errors import BuildError
-from . import SMOKE_MESSAGES, SMOKE_TOKENS, Backend, Smoke
+from . import SMOKE_MESSAGES, SMOKE_TOKENS, Backend, Smoke, installed_version
 
 # The mlx-lm model module each architecture needs (mlx_lm/models/<type>.py).
 MODEL_TYPES = {
@@ -77,19 +75,26 @@ class MlxBackend(Backend):
         "fp32": {"dtype": "float32", "trust_remote_code": False},
     }
 
-    def refuse_params(self, architecture: str, precision: str, params: dict[str, Any]) -> str | None:
-        model_type = MODEL_TYPES[architecture]
-        if not _has_model(model_type):
-            return f"the installed mlx-lm has no {model_type} model (mlx_lm/models/{model_type}.py); upgrade mlx-lm"
-        if model_type in BROKEN_BEFORE:
-            fixed, why = BROKEN_BEFORE[model_type]
-            installed = importlib.metadata.version("mlx-lm")
-            if Version(installed) < Version(fixed):
-                return f"mlx-lm {installed} converts {architecture} but cannot run it: {why}; mlx-lm {fixed} fixes it"
+    def check_params(self, precision: str, params: dict[str, Any]) -> str | None:
+        if not isinstance(params["trust_remote_code"], bool):
+            return f"trust_remote_code must be true or false, not {params['trust_remote_code']!r}"
         if params["dtype"] not in DTYPES[precision]:
             return f"dtype at {precision} must be one of {', '.join(DTYPES[precision])}, not {params['dtype']!r}"
         if "bits" in params:
             return _refuse_quantization(precision, params)
+        return None
+
+    def refuse_architecture(self, architecture: str, precision: str, params: dict[str, Any]) -> str | None:
+        model_type = MODEL_TYPES[architecture]
+        if not _has_model(model_type):
+            return f"the installed mlx-lm has no {model_type} model (mlx_lm/models/{model_type}.py); upgrade mlx-lm"
+        if model_type in BROKEN_BEFORE:
+            from packaging.version import Version  # here: listing tasks need not import it
+
+            fixed, why = BROKEN_BEFORE[model_type]
+            installed = installed_version("mlx-lm")
+            if Version(installed) < Version(fixed):
+                return f"mlx-lm {installed} converts {architecture} but cannot run it: {why}; mlx-lm {fixed} fixes it"
         return None
 
     def build(self, source: Path, output: Path, precision: str, params: dict[str, Any],
@@ -190,6 +195,7 @@ def _refuse_quantization(precision: str, params: dict[str, Any]) -> str | None:
     return None
 
 
+@functools.cache
 def _has_model(model_type: str) -> bool:
     """Whether mlx-lm ships ``models/<model_type>.py``, found without importing mlx."""
     spec = importlib.util.find_spec("mlx_lm")

@@ -26,6 +26,8 @@ PROVIDERS = {
     "fp16": ("cuda", "dml"),
     "fp32": ("cpu", "cuda"),
 }
+ALGORITHMS = ("default", "rtn", "k_quant")  # the builder's int4_algo_config choices
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations
 QUANTIZED = {"execution_provider": "cpu", "block_size": 32, "is_symmetric": True, "algo_config": "default",
              "accuracy_level": 4}
 
@@ -45,15 +47,26 @@ class OnnxBackend(Backend):
         "fp32": {"execution_provider": "cpu"},
     }
 
-    def refuse_params(self, architecture: str, precision: str, params: dict[str, Any]) -> str | None:
+    def check_params(self, precision: str, params: dict[str, Any]) -> str | None:
         provider = params["execution_provider"]
         if provider not in PROVIDERS[precision]:
             return (f"{self.title} builds {precision} for execution providers {', '.join(PROVIDERS[precision])}, "
                     f"not {provider!r}")
-        if architecture == "PhiMoEForCausalLM" and (precision, provider) != ("int4", "cuda"):
-            return f"{self.title} builds PhiMoE only as int4 for CUDA (its MoE operator is CUDA-only)"
-        if params.get("block_size") not in (None, 16, 32, 64, 128, 256):
+        if "block_size" not in params:
+            return None
+        if params["block_size"] not in (16, 32, 64, 128, 256):
             return f"block_size must be 16, 32, 64, 128 or 256, not {params['block_size']!r}"
+        if not isinstance(params["is_symmetric"], bool):
+            return f"is_symmetric must be true or false, not {params['is_symmetric']!r}"
+        if params["algo_config"] not in ALGORITHMS:
+            return f"algo_config must be one of {', '.join(ALGORITHMS)}, not {params['algo_config']!r}"
+        if params["accuracy_level"] not in ACCURACY_LEVELS:
+            return f"accuracy_level must be one of 0, 1, 2, 3, 4, not {params['accuracy_level']!r}"
+        return None
+
+    def refuse_architecture(self, architecture: str, precision: str, params: dict[str, Any]) -> str | None:
+        if architecture == "PhiMoEForCausalLM" and (precision, params["execution_provider"]) != ("int4", "cuda"):
+            return f"{self.title} builds PhiMoE only as int4 for CUDA (its MoE operator is CUDA-only)"
         return None
 
     def build(self, source: Path, output: Path, precision: str, params: dict[str, Any],

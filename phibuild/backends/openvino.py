@@ -69,7 +69,7 @@ class OpenvinoBackend(Backend):
     unsupported = {"Phi3SmallForCausalLM": "optimum-intel has no OpenVINO export for Phi-3-small (remote "
                                            "code); build it with the onnx backend"}
 
-    def refuse_params(self, architecture: str, precision: str, params: dict[str, Any]) -> str | None:
+    def check_params(self, precision: str, params: dict[str, Any]) -> str | None:
         flags = [name for name in ("sym", "all_layers", "awq") if not isinstance(params.get(name, False), bool)]
         if flags:
             return f"{', '.join(flags)} must be true or false"
