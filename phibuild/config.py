@@ -93,7 +93,11 @@ def load(root: Path) -> Config:
     config.models = list(EMBEDDED) + sorted(config.custom_models)
     for key in ("models", "backends", "precisions", "default", "release"):
         if key in table:
-            setattr(config, key, list(table[key]))
+            names = table[key]
+            if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+                raise ConfigError(f"{path}: {key} must be a list of names, like {key} = [\"a\", \"b\"], "
+                                  f"not {names!r}")
+            setattr(config, key, names)
     for key in ("store", "build", "lock", "release_dir"):
         if key in table:
             setattr(config, key, Path(table[key]))

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
+import stat
 import tomllib
+import uuid
 from pathlib import Path
 
 import tomli_w
@@ -35,11 +36,15 @@ class Lockfile:
         self._parsed: tuple[tuple[int, int, int], dict[str, dict]] | None = None
 
     def read(self) -> dict[str, dict]:
-        """All entries by target name; an absent file is an empty lock.
+        """All entries by target name; an absent file is an empty lock."""
+        return dict(self._entries())
 
-        Parsed once per version of the file (every write replaces it, so its inode changes): a no-op run
-        asks for each target's entry and must not parse the whole lock each time.
-        """
+    def get(self, name: str) -> dict | None:
+        return self._entries().get(name)
+
+    def _entries(self) -> dict[str, dict]:
+        """Parsed once per version of the file (every write replaces it, so its inode changes): a no-op run
+        asks for each target's entry and must not parse the whole lock each time."""
         try:
             st = self.path.stat()
         except FileNotFoundError:
@@ -47,10 +52,7 @@ class Lockfile:
         signature = (st.st_ino, st.st_mtime_ns, st.st_size)
         if self._parsed is None or self._parsed[0] != signature:
             self._parsed = (signature, parse(self.path.read_text(), self.path))
-        return dict(self._parsed[1])
-
-    def get(self, name: str) -> dict | None:
-        return self.read().get(name)
+        return self._parsed[1]
 
     def put(self, name: str, entry: dict | None) -> None:
         """Set (or with ``None`` remove) one entry, atomically and safely against concurrent writers."""
@@ -75,12 +77,19 @@ class Lockfile:
 
     def _write(self, entries: dict[str, dict]) -> None:
         body = tomli_w.dumps(_sorted({"version": FORMAT, "artifacts": entries}))
-        fd, tmp = tempfile.mkstemp(prefix=".artifacts.lock.", dir=self.path.parent)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(HEADER + body)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to any new file
+        try:
+            with os.fdopen(fd, "w") as handle:
+                if self.path.exists():
+                    os.fchmod(handle.fileno(), stat.S_IMODE(self.path.stat().st_mode))
+                handle.write(HEADER + body)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def merge(base: dict[str, dict], slices: dict[str, dict[str, dict]]) -> dict[str, dict]:

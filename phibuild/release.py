@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import tempfile
 from pathlib import Path
 
 from . import __version__, backends
 from .errors import BuildError
 from .project import Project
-from .store import swap_in
+from .store import new_dir, swap_in
 
 CARD = "MODEL_CARD.md"
 
@@ -26,7 +25,7 @@ def release(project: Project, names: list[str], directory: Path) -> list[str]:
     if missing:
         raise BuildError(f"not in artifacts.lock, build them first: {', '.join(missing)}")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    staging = new_dir(directory.parent, f".{directory.name}.")
     try:
         sums: dict[str, str] = {}  # path in the bundle -> sha256
         for name in sorted(names):

@@ -106,9 +106,9 @@ def _check_safetensors(path: Path) -> None:
             raise SourceError(f"{path} is not a safetensors file or is truncated (header of {header_len} bytes)")
         try:
             header = json.loads(handle.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, IndexError):
             raise SourceError(f"{path} has a corrupt safetensors header") from None
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     if size != 8 + header_len + end:
         raise SourceError(
             f"{path} is truncated or padded: its header describes {8 + header_len + end} bytes, "

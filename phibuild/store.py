@@ -21,8 +21,8 @@ import fcntl
 import fnmatch
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -95,7 +95,7 @@ class Store:
         """A fresh directory in ``tmp/`` for one build; left-overs of dead builds are removed first."""
         self.tmp.mkdir(parents=True, exist_ok=True)
         self._remove_dead_builds()
-        return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=self.tmp))
+        return new_dir(self.tmp, f"{os.getpid()}-")
 
     @contextmanager
     def building(self) -> Iterator[Path]:
@@ -160,14 +160,18 @@ class Store:
         by rename; the digests of copies are recorded, so checking them later reads nothing.
         """
         visible.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{visible.name}.", dir=visible.parent))
+        staging = new_dir(visible.parent, f".{visible.name}.")
         methods = {}
-        for name in sorted(entry.files):
-            target = staging / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            hardlink = not any(fnmatch.fnmatch(name, pattern) for pattern in unlinkable)
-            methods[name] = _link_file(entry.artifact / name, target, hardlink)
-        swap_in(staging, visible)
+        try:
+            for name in sorted(entry.files):
+                target = staging / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                hardlink = not any(fnmatch.fnmatch(name, pattern) for pattern in unlinkable)
+                methods[name] = _link_file(entry.artifact / name, target, hardlink)
+            swap_in(staging, visible)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         for name, method in methods.items():
             if method != "hardlink":
                 want = entry.files[name]
@@ -193,11 +197,23 @@ class Store:
         return True
 
 
+def new_dir(parent: Path, prefix: str) -> Path:
+    """A new directory with a unique name, made like any other under the umask (``mkdtemp`` makes them
+    0700: nobody else could read a build or a release)."""
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
 def swap_in(staging: Path, directory: Path) -> None:
     """Put the tree ``staging`` at ``directory`` by rename, moving an old tree out of the way first:
     a reader sees the old tree or the new one, and a crash leaves at worst a dot-directory beside it."""
     if directory.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+        old = new_dir(directory.parent, f".{directory.name}.old.")
         os.rename(directory, old / "tree")
         os.rename(staging, directory)
         _remove_tree(old)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,7 @@ def assert_nothing_written(root: Path) -> None:
          "backend onnx at int4: block_size must be 16, 32, 64, 128 or 256, not 48"),  # checked before any download
         ({"extra": "[tool.phibuild.model.mine]\nrepo = 'me/mine'\npath = 'x'\n"}, "needs exactly one of path or repo"),
         ({"extra": "colour = 'blue'\n"}, "unknown [tool.phibuild] keys colour"),
+        ({"models": "phi3-tiny"}, "models must be a list of names, like models = [\"a\", \"b\"], not 'phi3-tiny'"),
     ],
 )
 def test_bad_settings_are_one_clear_error(tmp_path, capsys, settings, message):
@@ -64,6 +66,9 @@ def _broken_model(kind: str, where: Path) -> Path:
         (model / "config.json").write_text(json.dumps({"model_type": "phi3"}))
     elif kind == "garbage weights":
         weights.write_bytes(b"\xff" * 4096)
+    elif kind == "header of another shape":
+        header = json.dumps({"w": {"dtype": "F32", "shape": [1]}}).encode()  # valid JSON, no data_offsets
+        weights.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
     return model
 
 
@@ -75,6 +80,7 @@ def _broken_model(kind: str, where: Path) -> Path:
         ("not a model", "is not a Hugging Face model directory: it has no config.json"),
         ("config without architectures", "config.json names no architectures"),
         ("garbage weights", "model.safetensors is not a safetensors file or is truncated"),
+        ("header of another shape", "model.safetensors has a corrupt safetensors header"),
     ],
 )
 def test_broken_model_fails_its_task_with_the_reason(tmp_path, capsys, kind, message):

@@ -1,6 +1,8 @@
 """artifacts.lock: deterministic text, safe concurrent writers, clear errors for broken files."""
 
 import multiprocessing
+import os
+import stat
 
 import pytest
 
@@ -64,3 +66,16 @@ def test_unknown_format_version_is_refused(tmp_path):
     path.write_text("version = 99\n")
     with pytest.raises(LockError, match="format version 99"):
         Lockfile(path).read()
+
+
+def test_a_written_lock_is_readable_by_all_as_the_umask_allows_and_keeps_its_mode(tmp_path):
+    lock = Lockfile(tmp_path / "artifacts.lock")
+    old = os.umask(0o022)
+    try:
+        lock.put("t1", _entry(1))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(lock.path.stat().st_mode) == 0o644
+    lock.path.chmod(0o664)
+    lock.put("t2", _entry(2))
+    assert stat.S_IMODE(lock.path.stat().st_mode) == 0o664

@@ -17,8 +17,7 @@ def _publish(store: Store, key: str, files: dict[str, bytes]):
         path = build / "artifact" / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-        d = hash_file(path, with_sha256=True)
-        digests[name] = {"size": d.size, "xxh3_128": d.xxh3_128, "sha256": d.sha256}
+        digests[name] = hash_file(path, with_sha256=True).as_dict()
     return store.publish(build, key, {"files": digests})
 
 
@@ -46,7 +45,7 @@ def test_visible_copy_links_files_and_is_checked_without_reading(tmp_path):
     entry = _publish(store, "ab" * 16, {"model.bin": b"w" * 5000, "model.onnx.data": b"d" * 5000})
     visible = tmp_path / "build" / "t"
     how = store.link_visible(entry, visible, unlinkable=("*.onnx.data",))
-    assert how == "copy"  # ext4 has no reflink: the unlinkable file is copied
+    assert how in ("copy", "reflink")  # never a hardlink; on ext4, which has no reflinks, a copy
     assert (visible / "model.bin").stat().st_ino == (entry.artifact / "model.bin").stat().st_ino
     assert (visible / "model.onnx.data").stat().st_nlink == 1
     before = hashing.bytes_read
@@ -81,3 +80,16 @@ def test_left_overs_of_dead_builds_are_removed(tmp_path):
     mine = store.new_build_dir()
     assert not stale.exists()
     assert mine.exists() and mine.name.startswith(f"{os.getpid()}-")
+
+
+def test_visible_artifacts_get_the_permissions_of_any_new_directory(tmp_path):
+    """Others who may read the project may read its build/ (mkdtemp's 0700 would shut them out)."""
+    store = Store(tmp_path / "store")
+    entry = _publish(store, "ab" * 16, {"model.bin": b"w", "sub/tok.json": b"{}"})
+    old = os.umask(0o022)
+    try:
+        store.link_visible(entry, tmp_path / "build" / "t")
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "build" / "t").stat().st_mode & 0o777) == "0o755"
+    assert not [p.name for p in (tmp_path / "build").iterdir() if p.name != "t"]  # no staging left behind
