@@ -16,29 +16,20 @@ import dataclasses
 import json
 import math
 import re
-import struct
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import gguf
 import numpy as np
 
+from . import sources
+from .backends.gguf import ARCHITECTURES, BASES, file_type
 from .errors import BuildError
 
 Q = gguf.GGMLQuantizationType
-OUTTYPES = {
-    "f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
-    "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
-    "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
-    "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
-}
-ARCHITECTURES = {
-    "Phi3ForCausalLM": gguf.MODEL_ARCH.PHI3,
-    "PhiMoEForCausalLM": gguf.MODEL_ARCH.PHIMOE,
-    "PhimoeForCausalLM": gguf.MODEL_ARCH.PHIMOE,  # as transformers 5 writes it
-}
+MODEL_ARCH = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}  # "phi3" -> MODEL_ARCH.PHI3
 # safetensors dtypes we read; numpy has no bfloat16, so bf16 tensors are mapped as their uint16 bits.
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 # tokenizer.json pre-tokenizer regexes -> the name llama.cpp's llama-vocab.cpp knows that split by.
@@ -58,21 +49,21 @@ CHUNK_ELEMENTS = 1 << 22  # rows converted at a time: about 16 MB of float32
 
 def convert(source: Path, output: Path, outtype: str) -> None:
     """Write ``source`` (a Hugging Face checkpoint directory) as one GGUF file ``output``."""
-    if outtype not in OUTTYPES:
-        raise BuildError(f"GGUF converter output type must be one of {', '.join(OUTTYPES)}, not {outtype!r}")
-    config = json.loads((source / "config.json").read_text())
+    if outtype not in BASES:
+        raise BuildError(f"GGUF converter output type must be one of {', '.join(BASES)}, not {outtype!r}")
+    config = sources.read_config(source)
     architecture = config["architectures"][0]
     if architecture not in ARCHITECTURES:
         raise BuildError(f"the GGUF converter handles {', '.join(ARCHITECTURES)}, not {architecture}")
-    arch = ARCHITECTURES[architecture]
+    arch = MODEL_ARCH[ARCHITECTURES[architecture]]
     checkpoint = Checkpoint(source)
-    qtype, file_type = OUTTYPES[outtype]
+    qtype = Q[outtype.upper()]
     rope = Rope.of(config)
     tensors = _plan(checkpoint, config, arch, qtype, rope)
 
     writer = gguf.GGUFWriter(output, gguf.MODEL_ARCH_NAMES[arch])
     _hyperparameters(writer, config, arch, rope)
-    writer.add_file_type(file_type)
+    writer.add_file_type(file_type(outtype.upper()))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     vocab_size = next(t.shape[0] for t in tensors if t.name == "token_embd.weight")
     _tokenizer(writer, source, vocab_size)
@@ -95,12 +86,10 @@ def convert(source: Path, output: Path, outtype: str) -> None:
 class Checkpoint:
     """The tensors of a safetensors checkpoint (one file or shards), read a few rows at a time."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path) -> None:
         self.entries: dict[str, tuple[Path, str, tuple[int, ...], int]] = {}
         for path in sorted(directory.glob("*.safetensors")):
-            with open(path, "rb") as handle:
-                (length,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(length))
+            length, header = sources.safetensors_header(path)
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
@@ -174,7 +163,7 @@ class Streamed:
     nbytes: int
     parts: Iterator[np.ndarray]
 
-    def tofile(self, handle) -> None:
+    def tofile(self, handle: BinaryIO) -> None:
         written = 0
         for part in self.parts:
             part.tofile(handle)
@@ -321,7 +310,7 @@ def _tokenizer(writer: gguf.GGUFWriter, source: Path, vocab_size: int) -> None:
         writer.add_tokenizer_pre("default")
         writer.add_token_scores(scores)
     elif spec["model"].get("type") == "BPE" and "ByteLevel" in json.dumps(spec.get("decoder")):
-        tokens, types = _byte_level_bpe(spec, vocab_size)
+        tokens, types = _byte_level_bpe(spec["model"]["vocab"], added, vocab_size)
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(_pre_tokenizer(spec.get("pre_tokenizer")))
     else:
@@ -366,21 +355,22 @@ def _sentencepiece(path: Path, added: list[dict], vocab_size: int) -> tuple[list
         i = token["id"]
         if i < pieces and tokens[i] == token["content"] and types[i] != gguf.TokenType.NORMAL:
             continue  # SentencePiece's own <unk>, <s>, </s> keep their types
-        tokens[i], scores[i] = token["content"], -1000.0
-        types[i] = gguf.TokenType.CONTROL if token.get("special") else gguf.TokenType.USER_DEFINED
+        tokens[i], scores[i], types[i] = token["content"], -1000.0, _added_type(token)
     return tokens, types, scores
 
 
-def _byte_level_bpe(spec: dict, vocab_size: int) -> tuple[list[str], list[int]]:
-    vocab: dict[str, int] = spec["model"]["vocab"]
-    added = spec.get("added_tokens", [])
+def _byte_level_bpe(vocab: dict[str, int], added: list[dict], vocab_size: int) -> tuple[list[str], list[int]]:
     tokens, types = _padded(max([*vocab.values(), *(t["id"] for t in added)]) + 1, vocab_size)
     for token, i in vocab.items():
         tokens[i], types[i] = token, gguf.TokenType.NORMAL
     for token in added:
-        tokens[token["id"]] = token["content"]
-        types[token["id"]] = gguf.TokenType.CONTROL if token.get("special") else gguf.TokenType.USER_DEFINED
+        tokens[token["id"]], types[token["id"]] = token["content"], _added_type(token)
     return tokens, types
+
+
+def _added_type(token: dict) -> int:
+    """A tokenizer.json added token: special ones are llama.cpp's CONTROL, the others USER_DEFINED."""
+    return gguf.TokenType.CONTROL if token.get("special") else gguf.TokenType.USER_DEFINED
 
 
 def _pre_tokenizer(pre: dict | None) -> str:

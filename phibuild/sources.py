@@ -14,6 +14,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .catalog import SOURCE_PATTERNS, ModelSpec
 from .errors import SourceError
@@ -95,7 +96,8 @@ def check_checkpoint(directory: Path) -> None:
         _check_safetensors(shard)
 
 
-def _check_safetensors(path: Path) -> None:
+def safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """The length and content of a safetensors file's JSON header; a clear error if it has none."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
         head = handle.read(8)
@@ -106,9 +108,20 @@ def _check_safetensors(path: Path) -> None:
             raise SourceError(f"{path} is not a safetensors file or is truncated (header of {header_len} bytes)")
         try:
             header = json.loads(handle.read(header_len))
-            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, IndexError):
+        except (json.JSONDecodeError, UnicodeDecodeError):
             raise SourceError(f"{path} has a corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise SourceError(f"{path} has a corrupt safetensors header")
+    return header_len, header
+
+
+def _check_safetensors(path: Path) -> None:
+    header_len, header = safetensors_header(path)
+    try:
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, IndexError):
+        raise SourceError(f"{path} has a corrupt safetensors header") from None
+    size = path.stat().st_size
     if size != 8 + header_len + end:
         raise SourceError(
             f"{path} is truncated or padded: its header describes {8 + header_len + end} bytes, "

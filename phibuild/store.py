@@ -167,7 +167,7 @@ class Store:
                 target = staging / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 hardlink = not any(fnmatch.fnmatch(name, pattern) for pattern in unlinkable)
-                methods[name] = _link_file(entry.artifact / name, target, hardlink)
+                methods[name] = link_file(entry.artifact / name, target, hardlink)
             swap_in(staging, visible)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -221,7 +221,8 @@ def swap_in(staging: Path, directory: Path) -> None:
         os.rename(staging, directory)
 
 
-def _link_file(source: Path, target: Path, hardlink: bool) -> str:
+def link_file(source: Path, target: Path, hardlink: bool = True) -> str:
+    """Show ``source`` at ``target`` by reflink, else hardlink (if allowed), else a read-only copy; says which."""
     try:
         with open(source, "rb") as src, open(target, "wb") as dst:
             fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())

@@ -21,14 +21,16 @@ import math
 import re
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import sentencepiece as spm
 import torch
 from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
+from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerBase
+
+from phibuild.hf_to_gguf import O200K
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "tools" / "corpus.txt"
@@ -53,11 +55,6 @@ PHI4_ADDED = [
     "<|endofprompt|>", "<|assistant|>", "<|end|>", "<|user|>", "<|system|>", "<|tool|>", "<|/tool|>",
     "<|tool_call|>", "<|/tool_call|>", "<|tool_response|>", "<|tag|>",
 ]
-O200K_PATTERN = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 PHI4_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' and 'tools' in message and message['tools'] is not none %}"
@@ -89,7 +86,6 @@ class Shape:
     vocab: int = 1088
     pieces: int = 960  # tokens learned from the corpus
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 SHAPES = [
@@ -150,7 +146,7 @@ def make_bpe_tokenizer(shape: Shape, out: Path) -> None:
     """A GPT-2-style byte-level BPE with the o200k split, plus Phi-4-mini's special tokens."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(O200K_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(O200K), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
     ])
     tokenizer.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
@@ -181,7 +177,7 @@ def rope_factors(count: int, top: float, power: float, start: float = 1.0) -> li
     return [float(torch.tensor(v, dtype=torch.float32)) for v in values]
 
 
-def hub_config(shape: Shape, tokenizer) -> dict:
+def hub_config(shape: Shape, tokenizer: PreTrainedTokenizerBase) -> dict:
     """config.json as the hub's Phi checkpoints write it (``rope_scaling``, ``rope_theta``)."""
     head_dim = shape.hidden // shape.heads
     rotary_half = int(head_dim * shape.partial_rotary) // 2
@@ -225,7 +221,7 @@ def hub_config(shape: Shape, tokenizer) -> dict:
     return config
 
 
-def token_stream(shape: Shape, tokenizer) -> torch.Tensor:
+def token_stream(shape: Shape, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     """The whole corpus as one id stream, its chat turns in the family's own format (the corpus is
     written in Phi-3's; Phi-4-mini puts no newline after the role and end markers)."""
     text = CORPUS.read_text()

@@ -23,14 +23,18 @@ step in the store under its own key and hands its directory to ``build``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.metadata
+import io
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..errors import ConfigError
+from ..errors import BuildError, ConfigError
 
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
 # Phi's chat format; the smoke checks of every backend generate from this prompt.
@@ -53,8 +57,28 @@ class Smoke:
     detail: str
     tokens: tuple[int, ...] = ()
 
+    @classmethod
+    def generated(cls, runtime: str, tokens: Sequence[int], text: str, note: str = "") -> Smoke:
+        """A check in which ``runtime`` generated ``tokens`` (decoded: ``text``); none at all is a failure."""
+        if not tokens:
+            raise BuildError(f"{runtime} generated no tokens from the Phi chat prompt")
+        return cls(True, f"{len(tokens)} tokens from a Phi chat prompt: {text!r}{note}", tuple(tokens))
+
     def summary(self) -> str:
         return f"ok: {self.detail}" if self.ran else f"not run: {self.detail}"
+
+
+@contextlib.contextmanager
+def console_kept(failure: str) -> Iterator[None]:
+    """Run a toolchain step with what it prints kept back, and shown (on stderr) only if it fails, as a
+    BuildError starting with ``failure``."""
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            yield
+    except Exception as exc:
+        sys.stderr.write(log.getvalue())
+        raise BuildError(f"{failure}: {type(exc).__name__}: {exc}") from exc
 
 
 class Backend:

@@ -13,15 +13,21 @@ import contextlib
 import ctypes
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any, ClassVar
 
 from ..errors import BuildError
+from ..store import link_file
 from . import SMOKE_MESSAGES, SMOKE_TOKENS, Backend, Smoke
 
 MODEL = "model.gguf"
-BASES = ("f16", "f32", "bf16", "q8_0")
+BASES = ("f16", "f32", "bf16", "q8_0")  # what our converter writes
+# Hugging Face architectures our converter handles -> llama.cpp's architecture.
+ARCHITECTURES = {
+    "Phi3ForCausalLM": "phi3",
+    "PhiMoEForCausalLM": "phimoe",
+    "PhimoeForCausalLM": "phimoe",  # as transformers 5 writes it
+}
 # llama.cpp file types that quantize without an importance matrix (the IQ1/IQ2/IQ3 ones need one).
 TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1",
          "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "IQ4_NL", "IQ4_XS")
@@ -32,7 +38,7 @@ class GgufBackend(Backend):
     title = "llama.cpp GGUF"
     extra = "gguf"
     packages = ("llama-cpp-python", "gguf", "numpy", "sentencepiece")
-    architectures = frozenset({"Phi3ForCausalLM", "PhiMoEForCausalLM", "PhimoeForCausalLM"})
+    architectures = frozenset(ARCHITECTURES)
     precisions: ClassVar[dict[str, dict[str, Any]]] = {
         "int4": {"type": "Q4_K_M", "base": "f16"},
         "int8": {"type": "Q8_0", "base": "f16"},
@@ -65,7 +71,7 @@ class GgufBackend(Backend):
               intermediate: Path | None) -> None:
         converted = intermediate / MODEL
         if params["type"].lower() == params["base"]:
-            _link(converted, output / MODEL)
+            link_file(converted, output / MODEL)  # the shared conversion is the artifact
         else:
             quantize(converted, output / MODEL, params["type"], os.cpu_count() or 1)
 
@@ -89,18 +95,17 @@ class GgufBackend(Backend):
                 if len(tokens) == SMOKE_TOKENS or llama_cpp.llama_vocab_is_eog(vocab, token):
                     break
             text = llm.detokenize(tokens).decode("utf-8", errors="replace")
-        return Smoke(True, f"{len(tokens)} tokens from a Phi chat prompt: {text!r}", tuple(tokens))
+        return Smoke.generated(self.title, tokens, text)
 
 
 def quantize(source: Path, output: Path, kind: str, threads: int) -> None:
     """llama.cpp's ``llama_model_quantize`` of ``source`` to file type ``kind``. Each row is quantized
     on its own, so the bytes do not depend on ``threads``."""
-    import gguf
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = threads
-    params.ftype = gguf.LlamaFileType["ALL_F32" if kind == "F32" else f"MOSTLY_{kind}"]
+    params.ftype = file_type(kind)
     logger = logging.getLogger("llama-cpp-python")  # where llama-cpp-python sends llama.cpp's log
     level = logger.level
     logger.setLevel(logging.ERROR)  # a line per tensor otherwise; errors still show
@@ -112,16 +117,15 @@ def quantize(source: Path, output: Path, kind: str, threads: int) -> None:
         raise BuildError(f"llama.cpp could not quantize {source} to {kind} (llama_model_quantize returned {code})")
 
 
+def file_type(kind: str) -> int:
+    """llama.cpp's file type number for a type name such as Q4_K_M or F16."""
+    import gguf
+
+    return gguf.LlamaFileType["ALL_F32" if kind == "F32" else f"MOSTLY_{kind}"]
+
+
 def _text(llm, token: int) -> str:
     return llm.detokenize([token], special=True).decode("utf-8", errors="replace")
-
-
-def _link(source: Path, target: Path) -> None:
-    """The shared conversion is the artifact: hardlink it (both are read-only store files), else copy."""
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
 
 
 BACKEND = GgufBackend

@@ -25,19 +25,16 @@ models in 16 bits cannot run (float32-only gather_mm), so their smoke check says
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
-import io
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
 from .. import sources
 from ..errors import BuildError
-from . import SMOKE_MESSAGES, SMOKE_TOKENS, Backend, Smoke, installed_version
+from . import SMOKE_MESSAGES, SMOKE_TOKENS, Backend, Smoke, console_kept, installed_version
 
 # The mlx-lm model module each architecture needs (mlx_lm/models/<type>.py).
 MODEL_TYPES = {
@@ -108,13 +105,9 @@ class MlxBackend(Backend):
             recipe = params["recipe"]
             options.update(quantize=True, q_bits=params["bits"], q_group_size=params["group_size"],
                            q_mode=params["mode"], quant_predicate=None if recipe == "none" else recipe)
-        log = io.StringIO()
         try:
-            with contextlib.redirect_stdout(log):
+            with console_kept("mlx_lm.convert failed"):
                 convert(hf_path=str(staged), mlx_path=str(converted), **options)
-        except Exception as exc:
-            sys.stderr.write(log.getvalue())
-            raise BuildError(f"mlx_lm.convert failed: {type(exc).__name__}: {exc}") from exc
         finally:
             shutil.rmtree(staged, ignore_errors=True)
         try:
@@ -145,13 +138,9 @@ class MlxBackend(Backend):
             tokens.append(token)
             if token in tokenizer.eos_token_ids:
                 break
-        if not tokens:
-            raise BuildError(f"mlx-lm generated no tokens from {artifact}")
-        detail = f"{len(tokens)} tokens from a Phi chat prompt: {tokenizer.decode(tokens)!r}"
         padding = sum(token >= len(tokenizer.get_vocab()) for token in tokens)
-        if padding:
-            detail += f" ({padding} of them padding ids past the tokenizer's tokens)"
-        return Smoke(True, detail, tuple(tokens))
+        note = f" ({padding} of them padding ids past the tokenizer's tokens)" if padding else ""
+        return Smoke.generated("mlx-lm", tokens, tokenizer.decode(tokens), note)
 
 
 def _cpu_cannot_run(model) -> str | None:

@@ -7,17 +7,14 @@ but its smoke check cannot run on a CPU-only machine and says so.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 from ..errors import BuildError
-from . import SMOKE_MESSAGES, SMOKE_TOKENS, Backend, Smoke
+from . import SMOKE_MESSAGES, SMOKE_TOKENS, Backend, Smoke, console_kept
 
 # Which execution providers the builder accepts for each precision (shared/phi-family.md).
 PROVIDERS = {
@@ -79,15 +76,11 @@ class OnnxBackend(Backend):
         provider = params.pop("execution_provider")
         options = [f"{key}={_option(value)}" for key, value in sorted(params.items())]
         cache = output.parent / "builder-cache"
-        log = io.StringIO()
         try:
-            with contextlib.redirect_stdout(log):
+            with console_kept(f"{self.title} model builder failed"):
                 extra = parse_extra_options(str(source), str(source), str(output), precision, provider,
                                             str(cache), options)
                 create_model(str(source), str(source), str(output), precision, provider, str(cache), **extra)
-        except Exception as exc:
-            sys.stderr.write(log.getvalue())
-            raise BuildError(f"{self.title} model builder failed: {type(exc).__name__}: {exc}") from exc
         finally:
             shutil.rmtree(cache, ignore_errors=True)
         if not (output / "genai_config.json").is_file():
@@ -111,10 +104,7 @@ class OnnxBackend(Backend):
         while not generator.is_done():
             generator.generate_next_token()
             tokens.append(int(generator.get_next_tokens()[0]))
-        if not tokens:
-            raise BuildError(f"{self.title} generated no tokens from {artifact}")
-        text = tokenizer.decode(tokens)
-        return Smoke(True, f"{len(tokens)} tokens from a Phi chat prompt: {text!r}", tuple(tokens))
+        return Smoke.generated(self.title, tokens, tokenizer.decode(tokens))
 
 
 def _option(value: Any) -> str:

@@ -30,11 +30,15 @@ import logging
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BuildError
 from . import SMOKE_MESSAGES, SMOKE_TOKENS, Backend, Smoke
+
+if TYPE_CHECKING:
+    from optimum.intel import OVWeightQuantizationConfig
 
 TASK = "text-generation-with-past"
 # The IRs a model directory needs for openvino_genai.LLMPipeline; the exporter only warns when the
@@ -126,13 +130,10 @@ class OpenvinoBackend(Backend):
         inputs = tokenizer.encode(prompt, add_special_tokens=False)
         config = openvino_genai.GenerationConfig(max_new_tokens=SMOKE_TOKENS, do_sample=False)
         tokens = tuple(int(token) for token in pipeline.generate(inputs, config).tokens[0])
-        if not tokens:
-            raise BuildError(f"{self.title} generated no tokens from {artifact}")
-        text = tokenizer.decode(list(tokens))
-        return Smoke(True, f"{len(tokens)} tokens from a Phi chat prompt: {text!r}", tokens)
+        return Smoke.generated(self.title, tokens, tokenizer.decode(list(tokens)))
 
 
-def _weight_config(precision: str, params: dict[str, Any]):
+def _weight_config(precision: str, params: dict[str, Any]) -> OVWeightQuantizationConfig | None:
     """optimum-intel's weight compression config for ``precision``, or None for fp16/fp32."""
     from optimum.intel import OVWeightQuantizationConfig
 
@@ -197,7 +198,7 @@ def _renumber(model, stem: str) -> None:
 
 
 @contextlib.contextmanager
-def _quiet():
+def _quiet() -> Iterator[None]:
     """Silence what an export says about model code (tracer and deprecation warnings, weight loading bars)."""
     from transformers.utils import logging as hf_logging
 
