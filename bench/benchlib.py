@@ -181,21 +181,14 @@ def doit(root: Path, *args: str) -> list[str]:
 
 
 def doit_in_process(root: Path, *args: str) -> tuple[int, int, float]:
-    """``doit ARGS`` in this process, as tests/conftest.py's ``run_doit`` does: (exit code, bytes phibuild hashed,
+    """``doit ARGS`` in this process (``phibuild.tasks.run``, as the tests do): (exit code, bytes phibuild hashed,
     seconds). phibuild counts every byte it reads to hash in ``hashing.bytes_read``."""
-    from doit.cmd_base import ModuleTaskLoader
-    from doit.doit_cmd import DoitMain
-
     from phibuild import hashing, tasks
 
-    tasks.forget_projects()
     before = hashing.bytes_read
     start = time.perf_counter()
-    with contextlib.chdir(root), contextlib.redirect_stdout(io.StringIO()):
-        namespace = {name: getattr(tasks, name) for name in dir(tasks) if name.startswith("task_")}
-        namespace["DOIT_CONFIG"] = tasks.dodo_config(root)
-        main = DoitMain(ModuleTaskLoader(namespace), extra_config={"run": {"outfile": sys.stdout}})
-        code = main.run(list(args)) or 0
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = tasks.run(root, *args)
     seconds = time.perf_counter() - start
     tasks.forget_projects()
     return code, hashing.bytes_read - before, seconds

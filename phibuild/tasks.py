@@ -17,10 +17,11 @@ never a traceback: bad settings as doit's "ERROR:", a failed build as a failed t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from doit.exceptions import InvalidTask, TaskFailed
@@ -94,7 +95,7 @@ def clean(root: str, name: str) -> None:
     proj.clean(proj.target(name))
 
 
-@contextmanager
+@contextlib.contextmanager
 def _settings_errors() -> Iterator[None]:
     """Broken settings or a broken lock, met while loading tasks: doit's "ERROR:" with phibuild's message."""
     try:
@@ -242,6 +243,21 @@ def _assemble(root: str, slices: str) -> TaskFailed | None:
     print(f"phibuild: assembled artifacts.lock from {len(paths)} slices; "
           f"{len(taken)} entries taken from them: {', '.join(taken) or 'none'}", flush=True)
     return None
+
+
+def run(root: Path, *args: str) -> int:
+    """``doit ARGS`` for the project at ``root`` in this process, as a fresh ``doit`` would run it there,
+    without Python's start-up: what tests and benchmarks use to see what one run does and reads."""
+    from doit.cmd_base import ModuleTaskLoader
+    from doit.doit_cmd import DoitMain
+
+    forget_projects()
+    with contextlib.chdir(root):
+        namespace = {name: value for name, value in globals().items() if name.startswith("task_")}
+        namespace["DOIT_CONFIG"] = dodo_config(root)
+        # doit's reporter defaults to the sys.stdout of its import; give it the current one.
+        main = DoitMain(ModuleTaskLoader(namespace), extra_config={"run": {"outfile": sys.stdout}})
+        return main.run(list(args)) or 0  # as the process exit status: `doit clean` returns None
 
 
 DOIT_CONFIG = {"subtasks": True}  # `doit list` shows every target, not just the group

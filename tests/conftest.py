@@ -8,6 +8,7 @@ start their own.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -16,10 +17,6 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
-from doit.cmd_base import ModuleTaskLoader
-from doit.doit_cmd import DoitMain
 
 from phibuild import hashing, tasks
 from phibuild.catalog import EMBEDDED_DIR
@@ -32,7 +29,8 @@ PROMPT = "<|user|>\nWhat does os.path.join do?<|end|>\n<|assistant|>\n"
 class Run:
     code: int
     output: str
-    bytes_read: int
+    bytes_read: int  # hashed by phibuild
+    weight_opens: int = 0  # .safetensors files opened by Python code
 
     @property
     def built(self) -> list[str]:
@@ -73,19 +71,25 @@ def copy_model(name: str, destination: Path) -> Path:
     return destination
 
 
-def run_doit(root: Path, *args: str, capsys: pytest.CaptureFixture | None = None) -> Run:
-    """``doit ARGS`` in ``root`` in this process, as a fresh doit invocation would see the project."""
-    tasks.forget_projects()
-    before = hashing.bytes_read
-    with contextlib.chdir(root):
-        namespace = {name: getattr(tasks, name) for name in dir(tasks) if name.startswith("task_")}
-        namespace["DOIT_CONFIG"] = tasks.dodo_config(root)
-        # doit's reporter defaults to the sys.stdout of import time; give it the current one (captured).
-        main = DoitMain(ModuleTaskLoader(namespace), extra_config={"run": {"outfile": sys.stdout}})
-        code = main.run(list(args)) or 0  # as the process exit status: `doit clean` returns None
-    captured = capsys.readouterr() if capsys else None
-    output = captured.out + captured.err if captured else ""
-    return Run(code, output, hashing.bytes_read - before)
+def _count_weight_opens(event: str, args: tuple) -> None:
+    """Audit hook: every open() of a .safetensors file by Python code in this process, hashing or not."""
+    global weight_opens
+    if event == "open" and isinstance(args[0], str | Path) and str(args[0]).endswith(".safetensors"):
+        weight_opens += 1
+
+
+weight_opens = 0
+sys.addaudithook(_count_weight_opens)
+
+
+def run_doit(root: Path, *args: str) -> Run:
+    """``doit ARGS`` in ``root`` in this process, as a fresh doit invocation would see the project; its
+    output (stdout and stderr) and the weight bytes and files it read."""
+    bytes_before, opens_before = hashing.bytes_read, weight_opens
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+        code = tasks.run(root, *args)
+    return Run(code, output.getvalue(), hashing.bytes_read - bytes_before, weight_opens - opens_before)
 
 
 def doit_process(root: Path, *args: str, **kwargs) -> subprocess.Popen:

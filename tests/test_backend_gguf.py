@@ -6,9 +6,6 @@ A second project with its own store builds them again, for byte identity.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import io
 import json
 import math
 import re
@@ -44,18 +41,10 @@ SENTENCES = [
 TOKEN = gguf.TokenType
 
 
-def doit(root: Path, *args: str) -> Run:
-    """``run_doit`` with its output captured here: module-scoped fixtures cannot use capsys."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        run = run_doit(root, *args)
-    return dataclasses.replace(run, output=out.getvalue())
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> tuple[Path, Run]:
     root = write_project(tmp_path_factory.mktemp("gguf"), EMBEDDED, ["gguf"], PRECISIONS)
-    run = doit(root, "quantize")
+    run = run_doit(root, "quantize")
     assert run.code == 0, run.output
     return root, run
 
@@ -123,7 +112,7 @@ def test_smoke_checks_ran_and_are_recorded(built):
 
 def test_builds_are_byte_identical_across_projects(built, tmp_path):
     root = write_project(tmp_path, EMBEDDED, ["gguf"], PRECISIONS)
-    assert doit(root, "quantize").code == 0
+    assert run_doit(root, "quantize").code == 0
     first, second = Lockfile(built[0] / "artifacts.lock").read(), Lockfile(root / "artifacts.lock").read()
     assert {n: e["files"] for n, e in first.items()} == {n: e["files"] for n, e in second.items()}
     assert {n: e["key"] for n, e in first.items()} == {n: e["key"] for n, e in second.items()}

@@ -217,11 +217,11 @@ def test_int8_layout_is_per_channel_asymmetric(built):
     np.testing.assert_allclose(ir_logits(artifact, ids), expected, rtol=0, atol=0.05)
 
 
-def test_builds_are_byte_identical_across_projects(built, tmp_path, capsys):
+def test_builds_are_byte_identical_across_projects(built, tmp_path):
     """A second project (its own store and build directories) builds the same keys into the same bytes."""
     name = "phi35-tiny-int4-openvino"  # the export, the tokenizer conversion and NNCF: every step fp32 has
     root = write_project(tmp_path / "again", models=["phi35-tiny"], backends=["openvino"], precisions=["int4"])
-    run = run_doit(root, f"quantize:{name}", capsys=capsys)
+    run = run_doit(root, f"quantize:{name}")
     assert run.code == 0 and run.built == [name]
     first, second = Lockfile(built / "artifacts.lock").get(name), Lockfile(root / "artifacts.lock").get(name)
     assert second["key"] == first["key"]
@@ -259,7 +259,7 @@ def test_int4_parameters_and_fp16(tmp_path):
     np.testing.assert_allclose(ir_logits(fp16, ids), expected, rtol=0, atol=0.01)
 
 
-def test_phi3_small_is_refused(tmp_path, capsys):
+def test_phi3_small_is_refused(tmp_path):
     small = copy_model("phi3-tiny", tmp_path / "small")
     config = json.loads((small / "config.json").read_text())
     (small / "config.json").write_text(json.dumps({**config, "architectures": ["Phi3SmallForCausalLM"]}))
@@ -270,7 +270,7 @@ def test_phi3_small_is_refused(tmp_path, capsys):
     found, skipped = Project.load(root).targets()
     assert not found
     assert any(note.startswith("phi3-small-8k-int4-openvino: ") for note in skipped)  # known without a download
-    run = run_doit(root, "list", capsys=capsys)
+    run = run_doit(root, "list")
     assert run.code == 0 and "left out: phi3-small-local-int4-openvino" in run.output
 
 

@@ -51,11 +51,11 @@ def lock_of(root: Path) -> dict:
     return Lockfile(root / "artifacts.lock").read()
 
 
-def test_first_build_pins_every_file_and_a_second_run_reads_nothing(tmp_path, capsys):
+def test_first_build_pins_every_file_and_a_second_run_reads_nothing(tmp_path):
     model = copy_model("phi3-tiny", tmp_path / "models" / "a")
     root = write_project(tmp_path, ["a"], ["onnx"], ["int4", "fp32"], local={"a": model})
 
-    first = run_doit(root, capsys=capsys)
+    first = run_doit(root)
     assert first.code == 0, first.output
     assert sorted(first.built) == ["a-fp32-onnx", "a-int4-onnx"]
 
@@ -80,27 +80,27 @@ def test_first_build_pins_every_file_and_a_second_run_reads_nothing(tmp_path, ca
     assert lock["a-int4-onnx"]["precision"] == "int4"
     assert lock["a-int4-onnx"]["key"] != lock["a-fp32-onnx"]["key"]
 
-    second = run_doit(root, capsys=capsys)
+    second = run_doit(root)
     assert second.code == 0, second.output
     assert second.built == [] and second.restored == []
     assert "-- quantize:a-int4-onnx" in second.output and "-- quantize:a-fp32-onnx" in second.output
-    assert second.bytes_read == 0
+    assert (second.bytes_read, second.weight_opens) == (0, 0)
     assert lock_of(root) == lock
 
 
-def test_one_changed_weight_byte_rebuilds_that_models_tasks_only(tmp_path, capsys, shared_store):
+def test_one_changed_weight_byte_rebuilds_that_models_tasks_only(tmp_path, shared_store):
     a = copy_model("phi3-tiny", tmp_path / "a")
     b = copy_model("phi3-tiny", tmp_path / "b")
     flip_weight_byte(b, at=2001)  # b differs from every other test's model; a may be restored from the store
     root = write_project(tmp_path / "p", ["a", "b"], ["onnx"], ["int4"], local={"a": a, "b": b},
                          store=shared_store)
-    assert run_doit(root, capsys=capsys).code == 0
+    assert run_doit(root).code == 0
     before = lock_of(root)
 
     flip_weight_byte(a)
-    info = run_doit(root, "info", "quantize:a-int4-onnx", capsys=capsys)
+    info = run_doit(root, "info", "quantize:a-int4-onnx")
     assert "cache key changed: source: " in info.output
-    run = run_doit(root, capsys=capsys)
+    run = run_doit(root)
     assert run.code == 0, run.output
     assert run.built == ["a-int4-onnx"]
     after = lock_of(root)
@@ -109,17 +109,17 @@ def test_one_changed_weight_byte_rebuilds_that_models_tasks_only(tmp_path, capsy
     assert after["a-int4-onnx"]["files"]["model.onnx.data"] != before["a-int4-onnx"]["files"]["model.onnx.data"]
 
 
-def test_parameter_and_precision_changes_rebuild_only_their_tasks(tmp_path, capsys, shared_store):
+def test_parameter_and_precision_changes_rebuild_only_their_tasks(tmp_path, shared_store):
     a = copy_model("phi3-tiny", tmp_path / "a")
     root = write_project(tmp_path / "p", ["a"], ["onnx"], ["int4", "fp32"], local={"a": a}, store=shared_store)
-    assert run_doit(root, capsys=capsys).code == 0
+    assert run_doit(root).code == 0
     before = lock_of(root)
 
     write_project(root, ["a"], ["onnx"], ["int4", "fp32"], local={"a": a}, store=shared_store,
                   extra="[tool.phibuild.params.onnx.int4]\nblock_size = 64\n")
-    info = run_doit(root, "info", "quantize:a-int4-onnx", capsys=capsys)
+    info = run_doit(root, "info", "quantize:a-int4-onnx")
     assert "cache key changed: params: block_size 32 -> 64" in info.output
-    run = run_doit(root, capsys=capsys)
+    run = run_doit(root)
     assert run.code == 0, run.output
     assert run.built == ["a-int4-onnx"]
     after = lock_of(root)
@@ -128,17 +128,17 @@ def test_parameter_and_precision_changes_rebuild_only_their_tasks(tmp_path, caps
 
     write_project(root, ["a"], ["onnx"], ["int4", "int8", "fp32"], local={"a": a}, store=shared_store,
                   extra="[tool.phibuild.params.onnx.int4]\nblock_size = 64\n")
-    run = run_doit(root, capsys=capsys)
+    run = run_doit(root)
     assert run.code == 0, run.output
     assert run.built == ["a-int8-onnx"]
     assert lock_of(root)["a-int4-onnx"] == after["a-int4-onnx"]
 
 
-def test_backend_version_change_rebuilds_its_tasks_and_frozen_mode_refuses(tmp_path, capsys, shared_store,
+def test_backend_version_change_rebuilds_its_tasks_and_frozen_mode_refuses(tmp_path, shared_store,
                                                                         monkeypatch):
     a = copy_model("phi3-tiny", tmp_path / "a")
-    root = write_project(tmp_path / "p", ["a"], ["onnx"], ["int4"], local={"a": a}, store=shared_store)
-    assert run_doit(root, capsys=capsys).code == 0
+    root = write_project(tmp_path / "p", ["a"], ["onnx", "gguf"], ["int4"], local={"a": a}, store=shared_store)
+    assert run_doit(root).code == 0
     before = lock_of(root)
     installed = OnnxBackend.versions
 
@@ -147,27 +147,29 @@ def test_backend_version_change_rebuilds_its_tasks_and_frozen_mode_refuses(tmp_p
 
     monkeypatch.setattr(OnnxBackend, "versions", newer)
     monkeypatch.setenv("PHIBUILD_FROZEN", "1")
-    frozen = run_doit(root, capsys=capsys)
+    frozen = run_doit(root)
     assert frozen.code != 0
     assert "a-int4-onnx: artifacts.lock would change (versions: onnxruntime-genai" in frozen.output
     assert "-> 99.0" in frozen.output
     assert lock_of(root) == before
 
     monkeypatch.delenv("PHIBUILD_FROZEN")
-    run = run_doit(root, capsys=capsys)
+    run = run_doit(root)
     assert run.code == 0, run.output
     assert run.built == ["a-int4-onnx"]
-    assert lock_of(root)["a-int4-onnx"]["versions"]["onnxruntime-genai"] == "99.0"
+    after = lock_of(root)
+    assert after["a-int4-onnx"]["versions"]["onnxruntime-genai"] == "99.0"
+    assert after["a-int4-gguf"] == before["a-int4-gguf"]  # another backend's versions: not its key
 
 
-def test_frozen_mode_accepts_an_unchanged_lock(tmp_path, capsys, shared_store, monkeypatch):
+def test_frozen_mode_accepts_an_unchanged_lock(tmp_path, shared_store, monkeypatch):
     a = copy_model("phi3-tiny", tmp_path / "a")
     root = write_project(tmp_path / "p", ["a"], ["onnx"], ["int4"], local={"a": a}, store=shared_store)
-    assert run_doit(root, capsys=capsys).code == 0
+    assert run_doit(root).code == 0
     shutil.rmtree(root / "build")
     lock_inode = (root / "artifacts.lock").stat().st_ino
     monkeypatch.setenv("PHIBUILD_FROZEN", "1")
-    run = run_doit(root, capsys=capsys)
+    run = run_doit(root)
     assert run.code == 0, run.output
     assert run.restored == ["a-int4-onnx"]
     assert (root / "artifacts.lock").stat().st_ino == lock_inode  # an unchanged entry is not written again
@@ -175,44 +177,44 @@ def test_frozen_mode_accepts_an_unchanged_lock(tmp_path, capsys, shared_store, m
     moved = copy_model("phi3-tiny", tmp_path / "moved")  # same bytes, same key: only the lock's source differs
     before = lock_of(root)
     write_project(root, ["a"], ["onnx"], ["int4"], local={"a": moved}, store=shared_store)
-    run = run_doit(root, capsys=capsys)
+    run = run_doit(root)
     assert run.code != 0
     assert "a-int4-onnx: artifacts.lock would change (source) and PHIBUILD_FROZEN is set" in run.output
     assert lock_of(root) == before
 
 
-def test_deleted_artifact_is_restored_and_a_damaged_store_file_rebuilt(tmp_path, capsys, shared_store):
+def test_deleted_artifact_is_restored_and_a_damaged_store_file_rebuilt(tmp_path, shared_store):
     a = copy_model("phi3-tiny", tmp_path / "a")
     root = write_project(tmp_path / "p", ["a"], ["onnx"], ["int4"], local={"a": a}, store=shared_store)
-    assert run_doit(root, capsys=capsys).code == 0
+    assert run_doit(root).code == 0
     entry = lock_of(root)["a-int4-onnx"]
     visible = root / "build" / "a-int4-onnx"
 
     shutil.rmtree(visible)
-    info = run_doit(root, "info", "quantize:a-int4-onnx", capsys=capsys)
+    info = run_doit(root, "info", "quantize:a-int4-onnx")
     assert "is missing or modified (restorable from the store)" in info.output
-    run = run_doit(root, capsys=capsys)
+    run = run_doit(root)
     assert run.code == 0 and run.built == [] and run.restored == ["a-int4-onnx"], run.output
 
-    assert run_doit(root, "clean", "quantize:a-int4-onnx", capsys=capsys).code == 0
+    assert run_doit(root, "clean", "quantize:a-int4-onnx").code == 0
     assert not visible.exists()
     stored = shared_store / "objects" / entry["key"][:2] / entry["key"] / "artifact"
     assert (stored / "model.onnx").is_file()
-    run = run_doit(root, capsys=capsys)
+    run = run_doit(root)
     assert run.code == 0 and run.built == [] and run.restored == ["a-int4-onnx"], run.output
 
     damaged = stored / "genai_config.json"
     os.chmod(damaged, 0o644)
     damaged.write_text(damaged.read_text().replace('"do_sample": false', '"do_sample": true '))
-    info = run_doit(root, "info", "quantize:a-int4-onnx", capsys=capsys)
+    info = run_doit(root, "info", "quantize:a-int4-onnx")
     assert "store files differ from artifacts.lock: genai_config.json" in info.output
-    run = run_doit(root, capsys=capsys)
+    run = run_doit(root)
     assert run.code == 0 and run.built == ["a-int4-onnx"], run.output
     assert lock_of(root)["a-int4-onnx"]["files"] == entry["files"]
     assert json.loads((visible / "genai_config.json").read_text())["search"]["do_sample"] is False
 
 
-def test_a_build_killed_mid_way_leaves_nothing_that_looks_fresh(tmp_path, capsys):
+def test_a_build_killed_mid_way_leaves_nothing_that_looks_fresh(tmp_path):
     model = copy_model("phi3-tiny", tmp_path / "a")
     root = write_project(tmp_path / "p", ["a"], ["onnx"], ["int4"], local={"a": model})
     store = root / ".phibuild"
@@ -231,18 +233,18 @@ def test_a_build_killed_mid_way_leaves_nothing_that_looks_fresh(tmp_path, capsys
     assert not (root / "build" / "a-int4-onnx").exists()
     assert list(store.glob("tmp/*")), "the killed build's directory should be what is left"
 
-    run = run_doit(root, capsys=capsys)
+    run = run_doit(root)
     assert run.code == 0 and run.built == ["a-int4-onnx"], run.output
     assert list(store.glob("tmp/*")) == []
     assert list(lock_of(root)) == ["a-int4-onnx"]
 
 
 @pytest.mark.parametrize("model", ["phi3-tiny", "phi4-mini-tiny"])
-def test_builds_in_two_directories_are_bit_identical(tmp_path, capsys, model):
+def test_builds_in_two_directories_are_bit_identical(tmp_path, model):
     locks = []
     for place in ("one", "two"):
         root = write_project(tmp_path / place, [model], ["onnx"], ["int4", "fp32"])
-        run = run_doit(root, capsys=capsys)
+        run = run_doit(root)
         assert run.code == 0 and len(run.built) == 2, run.output
         locks.append(lock_of(root))
     assert locks[0] == locks[1]

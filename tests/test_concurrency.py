@@ -45,10 +45,10 @@ def _limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 
 
-def test_a_write_that_fails_mid_build_leaves_store_and_lock_as_they_were(tmp_path, capsys):
+def test_a_write_that_fails_mid_build_leaves_store_and_lock_as_they_were(tmp_path):
     model = copy_model("phi3-tiny", tmp_path / "a")
     root = write_project(tmp_path / "p", ["a"], ["onnx"], ["int4", "fp32"], local={"a": model})
-    first = run_doit(root, "quantize:a-fp32-onnx", capsys=capsys)
+    first = run_doit(root, "quantize:a-fp32-onnx")
     assert first.code == 0
     lock_before = (root / "artifacts.lock").read_bytes()
     objects_before = sorted(p.name for p in (root / ".phibuild" / "objects").glob("*/*"))
@@ -62,18 +62,18 @@ def test_a_write_that_fails_mid_build_leaves_store_and_lock_as_they_were(tmp_pat
     assert list((root / ".phibuild" / "tmp").iterdir()) == []
     assert not (root / "build" / TARGET).exists()
 
-    again = run_doit(root, capsys=capsys)
+    again = run_doit(root)
     assert again.code == 0 and again.built == [TARGET], again.output
 
 
-def test_an_interrupted_download_from_the_remote_leaves_no_half_entry(tmp_path, capsys, monkeypatch):
+def test_an_interrupted_download_from_the_remote_leaves_no_half_entry(tmp_path, monkeypatch):
     from phibuild.remote import Remote
 
     model = copy_model("phi3-tiny", tmp_path / "a")
     remote = str(tmp_path / "remote")
     settings = f'remote = "{remote}"\n'
     one = write_project(tmp_path / "one", ["a"], ["onnx"], ["int4"], local={"a": model}, extra=settings)
-    assert run_doit(one, capsys=capsys).code == 0
+    assert run_doit(one).code == 0
 
     real_pull = Remote._pull
 
@@ -93,7 +93,7 @@ def test_an_interrupted_download_from_the_remote_leaves_no_half_entry(tmp_path, 
 
     monkeypatch.setattr(Remote, "_pull", pull_then_cut)
     two = write_project(tmp_path / "two", ["a"], ["onnx"], ["int4"], local={"a": model}, extra=settings)
-    run = run_doit(two, capsys=capsys)
+    run = run_doit(two)
     assert "failed (ConnectionAbortedError: the connection dropped); building locally" in run.output
     assert run.code == 0 and run.built == [TARGET], run.output
     assert list((two / ".phibuild" / "tmp").iterdir()) == []

@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import copy_model, run_doit, write_project
 
+from phibuild.errors import PhibuildError
+from phibuild.project import Project
+
 
 def assert_nothing_written(root: Path) -> None:
     assert not list((root / ".phibuild").glob("objects/*/*"))
@@ -39,13 +42,13 @@ def assert_nothing_written(root: Path) -> None:
         ({"models": "phi3-tiny"}, "models must be a list of names, like models = [\"a\", \"b\"], not 'phi3-tiny'"),
     ],
 )
-def test_bad_settings_are_one_clear_error(tmp_path, capsys, settings, message):
+def test_bad_settings_are_one_clear_error(tmp_path, settings, message):
     root = write_project(tmp_path, settings.get("models", ["phi3-tiny"]), settings.get("backends", ["onnx"]),
                          settings.get("precisions", ["int4"]), extra=settings.get("extra", ""))
-    listed = run_doit(root, "list", capsys=capsys)
+    listed = run_doit(root, "list")
     assert listed.code != 0 and message in listed.output, listed.output
     assert "Traceback" not in listed.output
-    built = run_doit(root, capsys=capsys)
+    built = run_doit(root)
     assert built.code != 0 and message in built.output, built.output
     assert "Traceback" not in built.output
     assert_nothing_written(root)
@@ -83,10 +86,10 @@ def _broken_model(kind: str, where: Path) -> Path:
         ("header of another shape", "model.safetensors has a corrupt safetensors header"),
     ],
 )
-def test_broken_model_fails_its_task_with_the_reason(tmp_path, capsys, kind, message):
+def test_broken_model_fails_its_task_with_the_reason(tmp_path, kind, message):
     model = _broken_model(kind, tmp_path / "mine")
     root = write_project(tmp_path / "p", ["mine"], ["onnx"], ["int4"], local={"mine": model})
-    run = run_doit(root, "quantize:mine-int4-onnx", capsys=capsys)
+    run = run_doit(root, "quantize:mine-int4-onnx")
     assert run.code != 0
     assert message in run.output
     assert run.built == []
@@ -94,27 +97,30 @@ def test_broken_model_fails_its_task_with_the_reason(tmp_path, capsys, kind, mes
     assert_nothing_written(root)
 
 
-def test_missing_model_directory(tmp_path, capsys):
+def test_missing_model_directory(tmp_path):
     root = write_project(tmp_path, ["mine"], ["onnx"], ["int4"], local={"mine": tmp_path / "nowhere"})
-    run = run_doit(root, "quantize:mine-int4-onnx", capsys=capsys)
+    run = run_doit(root, "quantize:mine-int4-onnx")
     assert run.code != 0
     assert f"model directory {tmp_path / 'nowhere'} does not exist" in run.output
     assert_nothing_written(root)
 
 
-def test_unknown_target_names_the_list_command(tmp_path, capsys):
+def test_unknown_target_names_the_list_command(tmp_path):
     root = write_project(tmp_path, ["phi3-tiny"], ["onnx"], ["int4"])
-    run = run_doit(root, "quantize:phi3-tiny-int2-onnx", capsys=capsys)
+    run = run_doit(root, "quantize:phi3-tiny-int2-onnx")
     assert run.code != 0
-    assert "quantize:phi3-tiny-int2-onnx" in run.output
+    assert 'Invalid parameter: "quantize:phi3-tiny-int2-onnx"' in run.output
+    assert 'to see available tasks' in run.output
     assert_nothing_written(root)
+    with pytest.raises(PhibuildError, match=r"no target 'phi3-tiny-int2-onnx'; `doit list --all` shows them"):
+        Project.load(root).target("phi3-tiny-int2-onnx")
 
 
 @pytest.mark.parametrize("command", [["list"], [], ["verify"], ["gc"], ["release"]])
-def test_a_conflicted_lock_is_one_clear_error_for_every_command(tmp_path, capsys, command):
+def test_a_conflicted_lock_is_one_clear_error_for_every_command(tmp_path, command):
     root = write_project(tmp_path, ["phi3-tiny"], ["onnx"], ["int4"])
     (root / "artifacts.lock").write_text('version = 1\n<<<<<<< HEAD\n[artifacts."a"]\n=======\n>>>>>>> b\n')
-    run = run_doit(root, *command, capsys=capsys)
+    run = run_doit(root, *command)
     assert run.code != 0
     assert "artifacts.lock:2: unresolved merge conflict marker '<<<<<<<'" in run.output
     assert "Traceback" not in run.output

@@ -24,8 +24,8 @@ def project(tmp_path_factory) -> Path:
     return root
 
 
-def test_verify_passes_on_intact_artifacts_and_names_every_mismatch(project, capsys, tmp_path):
-    assert run_doit(project, "verify", capsys=capsys).code == 0
+def test_verify_passes_on_intact_artifacts_and_names_every_mismatch(project, tmp_path):
+    assert run_doit(project, "verify").code == 0
     lock = Lockfile(project / "artifacts.lock").read()
 
     visible = project / "build" / "a-int4-onnx" / "model.onnx.data"  # a copy (see OnnxBackend.unlinkable)
@@ -42,7 +42,7 @@ def test_verify_passes_on_intact_artifacts_and_names_every_mismatch(project, cap
     os.utime(stored, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # bit rot: size and mtime unchanged
     (project / "build" / "a-int4-onnx" / "notes.txt").write_text("mine")
     try:
-        run = run_doit(project, "verify", capsys=capsys)
+        run = run_doit(project, "verify")
         assert run.code != 0
         assert "a-int4-onnx: build: model.onnx.data differs" in run.output
         assert "a-int4-onnx: build: notes.txt is not in artifacts.lock" in run.output
@@ -55,11 +55,11 @@ def test_verify_passes_on_intact_artifacts_and_names_every_mismatch(project, cap
         data[100] ^= 1
         stored.write_bytes(bytes(data))
         (project / "build" / "a-int4-onnx" / "notes.txt").unlink()
-    assert run_doit(project, "verify", capsys=capsys).code == 0
+    assert run_doit(project, "verify").code == 0
 
 
-def test_release_bundle_checks_with_sha256sum_and_has_model_cards(project, capsys):
-    run = run_doit(project, "release", capsys=capsys)
+def test_release_bundle_checks_with_sha256sum_and_has_model_cards(project):
+    run = run_doit(project, "release")
     assert run.code == 0, run.output
     release = project / "release"
     check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=release, capture_output=True, text=True)
@@ -76,48 +76,48 @@ def test_release_bundle_checks_with_sha256sum_and_has_model_cards(project, capsy
 
     write_project(project, ["a"], ["onnx", "gguf"], ["int4"], local={"a": project / "models" / "a"},
                   extra='release = ["a-int4-gguf"]\n')
-    assert run_doit(project, "release", capsys=capsys).code == 0
+    assert run_doit(project, "release").code == 0
     assert sorted(p.name for p in release.iterdir()) == ["SHA256SUMS", "a-int4-gguf"]
 
 
-def test_gc_lists_then_removes_only_unreferenced_entries(tmp_path, capsys):
+def test_gc_lists_then_removes_only_unreferenced_entries(tmp_path):
     model = copy_model("phi3-tiny", tmp_path / "a")
     root = write_project(tmp_path / "p", ["a"], ["gguf"], ["int4"], local={"a": model})
-    assert run_doit(root, capsys=capsys).code == 0
+    assert run_doit(root).code == 0
     old = Lockfile(root / "artifacts.lock").get("a-int4-gguf")
     write_project(root, ["a"], ["gguf"], ["int4"], local={"a": model},
                   extra='[tool.phibuild.params.gguf.int4]\ntype = "Q4_0"\n')
-    assert run_doit(root, capsys=capsys).code == 0
+    assert run_doit(root).code == 0
     new = Lockfile(root / "artifacts.lock").get("a-int4-gguf")
     assert new["intermediate"] == old["intermediate"]  # both start from the same F16 conversion
     objects = root / ".phibuild" / "objects"
 
-    listed = run_doit(root, "gc", capsys=capsys)
+    listed = run_doit(root, "gc")
     assert listed.code == 0
     assert f"would remove {old['key']} (a-int4-gguf, " in listed.output
     assert "1 unreferenced entries" in listed.output
     assert (objects / old["key"][:2] / old["key"]).is_dir()
 
-    removed = run_doit(root, "gc", "--delete", capsys=capsys)
+    removed = run_doit(root, "gc", "--delete")
     assert removed.code == 0 and f"removing {old['key']}" in removed.output
     assert not (objects / old["key"][:2] / old["key"]).exists()
     assert (objects / new["key"][:2] / new["key"]).is_dir()
     assert (objects / new["intermediate"][:2] / new["intermediate"]).is_dir()
-    assert run_doit(root, capsys=capsys).built == []
+    assert run_doit(root).built == []
 
 
 @pytest.mark.parametrize("backend", list(backends.MODULES))
-def test_every_backend_rebuilds_bit_identically(tmp_path, capsys, backend):
+def test_every_backend_rebuilds_bit_identically(tmp_path, backend):
     """The record of what is bit-reproducible: a fresh rebuild of each backend's int4 and fp32 artifacts,
     bypassing every cache, gives the locked bytes."""
     root = write_project(tmp_path, ["phi4-mini-tiny"], [backend], ["int4", "fp32"])
-    assert run_doit(root, capsys=capsys).code == 0
-    run = run_doit(root, "reproduce", capsys=capsys)
+    assert run_doit(root).code == 0
+    run = run_doit(root, "reproduce")
     assert run.code == 0, run.output
     assert run.output.count(": reproducible (every file identical to artifacts.lock)") == 2
 
 
-def test_reproduce_reports_the_files_that_differ(project, capsys, monkeypatch):
+def test_reproduce_reports_the_files_that_differ(project, monkeypatch):
     from phibuild.backends.gguf import GgufBackend
 
     real = GgufBackend.build
@@ -127,6 +127,6 @@ def test_reproduce_reports_the_files_that_differ(project, capsys, monkeypatch):
         (output / "build-time.txt").write_text("not part of the locked artifact")
 
     monkeypatch.setattr(GgufBackend, "build", drifting)
-    run = run_doit(project, "reproduce:a-int4-gguf", capsys=capsys)
+    run = run_doit(project, "reproduce:a-int4-gguf")
     assert run.code != 0
     assert "a-int4-gguf: NOT reproducible: build-time.txt: produced by the rebuild but not locked" in run.output

@@ -118,13 +118,13 @@ def test_fetch_downloads_only_the_build_files_of_the_resolved_commit(
 
 
 def test_a_pinned_commit_is_what_later_builds_download(
-        hub: FakeHub, local: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+        hub: FakeHub, local: Path, tmp_path: Path) -> None:
     """The lock pins the commit "main" had at the first build: moving "main" changes nothing, and a rebuild
     downloads that commit again, not the new one."""
     files = tree(local)
     pinned = hub.push(REPO_ID, files)
     root = hub_project(tmp_path / "project")
-    first = run_doit(root, capsys=capsys)
+    first = run_doit(root)
     assert first.code == 0, first.output
     assert first.built == [TARGET]
     entry = Lockfile(root / "artifacts.lock").get(TARGET)
@@ -133,7 +133,7 @@ def test_a_pinned_commit_is_what_later_builds_download(
     moved = hub.push(REPO_ID, {**files, "model.safetensors": retrained(files["model.safetensors"])})
     assert moved != pinned
     hub.clear_log()
-    again = run_doit(root, capsys=capsys)
+    again = run_doit(root)
     assert (again.code, again.built) == (0, [])
     assert hub.log == []  # not even a look at "main": the lock is enough to know the target is fresh
 
@@ -142,7 +142,7 @@ def test_a_pinned_commit_is_what_later_builds_download(
     store.statcache.close()
     shutil.rmtree(root / "build" / TARGET)
     shutil.rmtree(tmp_path / "hf" / "hub")  # so the rebuild really downloads
-    rebuilt = run_doit(root, capsys=capsys)
+    rebuilt = run_doit(root)
     assert rebuilt.code == 0, rebuilt.output
     assert rebuilt.built == [TARGET]
     assert {r.revision for r in hub.log if r.repo} == {pinned}
@@ -199,19 +199,19 @@ def test_a_corrupted_download_is_removed_so_the_next_fetch_gets_it_anew(
 
 
 def test_a_changed_revision_setting_is_built_and_pinned(
-        hub: FakeHub, local: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+        hub: FakeHub, local: Path, tmp_path: Path) -> None:
     """Asking for another revision in pyproject.toml makes the target stale, though a commit is pinned."""
     files = tree(local)
     hub.push(REPO_ID, files)
     dev = hub.push(REPO_ID, {**files, "model.safetensors": retrained(files["model.safetensors"])}, branch="dev")
     root = hub_project(tmp_path / "project")
-    assert run_doit(root, capsys=capsys).code == 0
+    assert run_doit(root).code == 0
 
     write_project(root, ["my-phi"], ["onnx"], ["int4"],
                   extra=f'[tool.phibuild.model.my-phi]\nrepo = "{REPO_ID}"\nrevision = "dev"\n')
-    info = run_doit(root, "info", f"quantize:{TARGET}", capsys=capsys)
+    info = run_doit(root, "info", f"quantize:{TARGET}")
     assert f"model source changed: hf:{REPO_ID} -> hf:{REPO_ID}@dev" in info.output
-    run = run_doit(root, capsys=capsys)
+    run = run_doit(root)
     assert run.code == 0 and run.built == [TARGET], run.output
     entry = Lockfile(root / "artifacts.lock").get(TARGET)
     assert (entry["revision"], entry["source"]) == (dev, f"hf:{REPO_ID}@dev")
@@ -241,7 +241,7 @@ def test_an_unreachable_hub_fails_fast_and_says_how_to_fix_it(tmp_path: Path, mo
 
 
 def test_a_newly_pinned_commit_is_built_from_its_own_weights(
-        hub: FakeHub, local: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+        hub: FakeHub, local: Path, tmp_path: Path) -> None:
     """Pinning another full commit in pyproject.toml builds that commit's weights, not the locked digest."""
     files = tree(local)
     first = hub.push(REPO_ID, files)
@@ -250,7 +250,7 @@ def test_a_newly_pinned_commit_is_built_from_its_own_weights(
     def pin(commit: str) -> dict:
         write_project(tmp_path / "project", ["my-phi"], ["onnx"], ["int4"],
                       extra=f'[tool.phibuild.model.my-phi]\nrepo = "{REPO_ID}"\nrevision = "{commit}"\n')
-        run = run_doit(tmp_path / "project", capsys=capsys)
+        run = run_doit(tmp_path / "project")
         assert run.code == 0 and run.built == [TARGET], run.output
         return Lockfile(tmp_path / "project" / "artifacts.lock").get(TARGET)
 
