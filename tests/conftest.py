@@ -8,11 +8,13 @@ start their own.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -99,8 +101,50 @@ def doit_process(root: Path, *args: str, **kwargs) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **kwargs)
 
 
+def prompt_for(model: str) -> str:
+    """The smoke prompt in an embedded model's own chat format (Phi-4-mini has no newline after role markers)."""
+    return PROMPT.replace("|>\n", "|>") if model.startswith("phi4") else PROMPT
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: connecting to it is refused at once."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def tiny_phimoe(directory: Path, *, hidden: int, intermediate: int, short_factor: list[float],
+                long_factor: list[float], mscale: float, dtype: str = "bfloat16") -> Path:
+    """A random Phi-3.5-MoE look-alike (attention and LM-head biases, GQA, 4 experts routed top 2, LongRoPE),
+    with phi35-tiny's tokenizer and the hub checkpoint's architecture name. transformers 5 saves its RoPE
+    settings in ``rope_parameters`` only; head size is hidden / 4, so the factors have hidden / 8 entries."""
+    import torch
+    from transformers import PhimoeConfig, PhimoeForCausalLM
+
+    phi35 = EMBEDDED_DIR / "phi35-tiny"
+    base = json.loads((phi35 / "config.json").read_text())
+    config = PhimoeConfig(
+        vocab_size=base["vocab_size"], bos_token_id=base["bos_token_id"], eos_token_id=base["eos_token_id"],
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True,
+        max_position_embeddings=131072, original_max_position_embeddings=4096,
+        rope_scaling={"type": "longrope", "short_factor": short_factor,
+                      "long_factor": long_factor, "short_mscale": mscale, "long_mscale": mscale,
+                      "original_max_position_embeddings": 4096},
+    )
+    torch.manual_seed(0)
+    PhimoeForCausalLM(config).to(getattr(torch, dtype)).save_pretrained(directory)
+    settings = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**settings, "architectures": ["PhiMoEForCausalLM"]}, indent=2))
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(phi35 / name, directory / name)
+    return directory
+
+
+@functools.cache
 def reference_logits(model_dir: Path, prompt: str = PROMPT):
-    """Next-token logits of the Hugging Face checkpoint in float32, as the ground truth for exports."""
+    """Next-token logits of the Hugging Face checkpoint in float32, as the ground truth for exports
+    (computed once per checkpoint and prompt)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -10,17 +10,15 @@ import json
 import math
 import re
 import tracemalloc
-from functools import cache
 from pathlib import Path
 
 import gguf
 import llama_cpp
 import numpy as np
 import pytest
-import torch
-from conftest import PROMPT, Run, copy_model, reference_logits, run_doit, write_project
+from conftest import Run, copy_model, prompt_for, reference_logits, run_doit, tiny_phimoe, write_project
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, Phi3Config, PhimoeConfig, PhimoeForCausalLM
+from transformers import AutoTokenizer, Phi3Config
 
 from phibuild.backends import get
 from phibuild.backends.gguf import TYPES, quantize
@@ -53,12 +51,6 @@ def artifact(built, model: str, precision: str) -> Path:
     return built[0] / "build" / f"{model}-{precision}-gguf" / "model.gguf"
 
 
-def prompt_for(model: str) -> str:
-    """The smoke prompt in the model's own chat format (Phi-4-mini has no newline after role markers)."""
-    return PROMPT.replace("|>\n", "|>") if model.startswith("phi4") else PROMPT
-
-
-@cache
 def reference(model: str) -> tuple[list[int], np.ndarray]:
     return reference_logits(EMBEDDED_DIR / model, prompt_for(model))
 
@@ -294,18 +286,8 @@ def test_phimoe_experts_are_stacked_as_llama_cpp_expects(tmp_path):
     """A tiny random Phi-3.5-MoE look-alike. llama.cpp's phimoe runs RMS norm and softmax top-k routing
     where transformers has LayerNorm and sparsemixer, so its logits are not compared, only its layout."""
     half = 16  # rotary dimensions / 2 for head size 32
-    config = PhimoeConfig(
-        vocab_size=1088, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=131072,
-        original_max_position_embeddings=4096, attention_bias=True, lm_head_bias=True, sliding_window=131072,
-        rope_scaling={"type": "longrope", "rope_theta": 10000.0, "long_factor": [1.0 + i for i in range(half)],
-                      "short_factor": [1.0 + i / 16 for i in range(half)], "short_mscale": 1.243,
-                      "long_mscale": 1.243, "original_max_position_embeddings": 4096})
-    torch.manual_seed(0)
-    source = tmp_path / "phimoe"
-    PhimoeForCausalLM(config).to(torch.bfloat16).save_pretrained(source)
-    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja"):
-        (source / name).write_bytes((EMBEDDED_DIR / "phi3-tiny" / name).read_bytes())
+    source = tiny_phimoe(tmp_path / "phimoe", hidden=128, intermediate=256, mscale=1.243,
+                         short_factor=[1.0 + i / 16 for i in range(half)], long_factor=[1.0 + i for i in range(half)])
     assert get("gguf").refuse(json.loads((source / "config.json").read_text())["architectures"][0], "int4",
                               get("gguf").precisions["int4"]) is None
     convert(source, tmp_path / "model.gguf", "f32")

@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import PROMPT, Run, copy_model, reference_logits, run_doit, write_project
+from conftest import Run, copy_model, prompt_for, reference_logits, run_doit, tiny_phimoe, write_project
 from mlx_lm import load
 
 from phibuild.catalog import EMBEDDED, EMBEDDED_DIR
@@ -45,39 +45,16 @@ def doit(root: Path, *args: str) -> Run:
     return run
 
 
-def make_moe(directory: Path) -> Path:
-    """A random Phi-3.5-MoE as transformers 5 saves it (RoPE only in ``rope_parameters``), with a Phi tokenizer.
-
-    Phi-3.5-MoE's biases and LongRoPE mscales; short and long factors are equal so that mlx-lm's LongRoPE
-    (long factors at every position) and transformers' agree, and the comparison tests the conversion.
-    """
-    from transformers import PhimoeConfig, PhimoeForCausalLM
-
-    tokenizer = EMBEDDED_DIR / "phi35-tiny"
-    phi35 = json.loads((tokenizer / "config.json").read_text())
-    factors = [1.0 + i / 16 for i in range(8)]
-    config = PhimoeConfig(
-        vocab_size=phi35["vocab_size"], bos_token_id=phi35["bos_token_id"], eos_token_id=phi35["eos_token_id"],
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        num_local_experts=4, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True,
-        max_position_embeddings=131072, original_max_position_embeddings=4096,
-        rope_scaling={"type": "longrope", "short_factor": factors, "long_factor": factors, "short_mscale": 1.2,
-                      "long_mscale": 1.2, "original_max_position_embeddings": 4096},
-    )
-    torch.manual_seed(0)
-    PhimoeForCausalLM(config).save_pretrained(directory)
-    settings = json.loads((directory / "config.json").read_text())
-    assert "rope_scaling" not in settings and "rope_theta" not in settings
-    settings["architectures"] = ["PhiMoEForCausalLM"]  # the hub checkpoint's spelling
-    (directory / "config.json").write_text(json.dumps(settings, indent=2))
-    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja"):
-        (directory / name).write_bytes((tokenizer / name).read_bytes())
-    return directory
-
-
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory) -> Path:
-    return make_moe(tmp_path_factory.mktemp("moe-tiny"))
+    """A random Phi-3.5-MoE in float32. Short and long factors are equal so that mlx-lm's LongRoPE (long
+    factors at every position) and transformers' agree, and the comparison tests the conversion."""
+    factors = [1.0 + i / 16 for i in range(8)]
+    moe = tiny_phimoe(tmp_path_factory.mktemp("moe-tiny"), hidden=64, intermediate=128, short_factor=factors,
+                      long_factor=factors, mscale=1.2, dtype="float32")
+    settings = json.loads((moe / "config.json").read_text())
+    assert "rope_scaling" not in settings and "rope_theta" not in settings  # as transformers 5 saves it
+    return moe
 
 
 def build_all(root: Path, moe: Path) -> Path:
@@ -131,11 +108,6 @@ def config(root: Path, target: str) -> dict:
 def mlx_logits(directory: Path, ids: list[int]) -> np.ndarray:
     model, _ = load(str(directory))
     return np.array(model(mx.array([ids]))[0, -1].astype(mx.float32))
-
-
-def prompt_for(model: str) -> str:
-    """The smoke prompt in the model's own chat format (Phi-4-mini has no newline after role markers)."""
-    return PROMPT.replace("|>\n", "|>") if model.startswith("phi4") else PROMPT
 
 
 def test_every_target_loads_in_mlx_lm_and_its_smoke_check_is_locked(built):

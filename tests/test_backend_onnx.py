@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime_genai as og
 import pytest
-from conftest import PROMPT, reference_logits, run_doit, write_project
+from conftest import prompt_for, reference_logits, run_doit, write_project
 from transformers import AutoTokenizer
 
 from phibuild.catalog import EMBEDDED, EMBEDDED_DIR
@@ -30,11 +30,6 @@ def built(tmp_path_factory) -> Path:
     run = run_doit(root)
     assert run.code == 0
     return root
-
-
-def prompt_for(model: str) -> str:
-    """The smoke prompt in the model's own chat format (Phi-4-mini has no newline after role markers)."""
-    return PROMPT.replace("|>\n", "|>") if model.startswith("phi4") else PROMPT
 
 
 def onnx_logits(artifact: Path, ids: list[int]) -> np.ndarray:

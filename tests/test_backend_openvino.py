@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import copy_model, reference_logits, run_doit, write_project
+from conftest import copy_model, reference_logits, run_doit, tiny_phimoe, write_project
 
 from phibuild.backends import SMOKE_MESSAGES, SMOKE_TOKENS, get
 from phibuild.catalog import EMBEDDED, EMBEDDED_DIR
@@ -92,36 +91,15 @@ def ir_logits(artifact: Path, ids: list[int]) -> np.ndarray:
     return outputs["logits"][0, -1]
 
 
-def tiny_phimoe(directory: Path) -> Path:
-    """A Phi-3.5-MoE look-alike with random weights, the phi35-tiny tokenizer and the hub's architecture name."""
-    import torch
-    from transformers import PhimoeConfig, PhimoeForCausalLM
-
-    source = EMBEDDED_DIR / "phi35-tiny"
-    base = json.loads((source / "config.json").read_text())
-    rope = {**base["rope_scaling"], "original_max_position_embeddings": base["original_max_position_embeddings"],
-            "short_mscale": 1.243163121016122, "long_mscale": 1.243163121016122}
-    config = PhimoeConfig(vocab_size=base["vocab_size"], hidden_size=256, intermediate_size=256,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                          num_experts_per_tok=2, max_position_embeddings=base["max_position_embeddings"],
-                          bos_token_id=base["bos_token_id"], eos_token_id=base["eos_token_id"],
-                          pad_token_id=base.get("pad_token_id"), rope_scaling=rope)
-    torch.manual_seed(0)
-    PhimoeForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
-        shutil.copy(source / name, directory / name)
-    written = json.loads((directory / "config.json").read_text())
-    (directory / "config.json").write_text(json.dumps({**written, "architectures": ["PhiMoEForCausalLM"]}))
-    return directory
-
-
 def model_table(name: str, path: Path) -> str:
     return f'[tool.phibuild.model.{name}]\npath = "{path.as_posix()}"\n'
 
 
 @pytest.fixture(scope="module")
 def phimoe(tmp_path_factory) -> Path:
-    return tiny_phimoe(tmp_path_factory.mktemp("models") / "phimoe-tiny")
+    rope = json.loads((EMBEDDED_DIR / "phi35-tiny" / "config.json").read_text())["rope_scaling"]
+    return tiny_phimoe(tmp_path_factory.mktemp("models") / "phimoe-tiny", hidden=256, intermediate=256,
+                       short_factor=rope["short_factor"], long_factor=rope["long_factor"], mscale=1.243163121016122)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from conftest import copy_model, doit_process, run_doit, write_project
+from conftest import closed_port, copy_model, doit_process, run_doit, write_project
 from moto.server import ThreadedMotoServer
 
 from phibuild.lockfile import Lockfile
@@ -119,12 +119,6 @@ def test_a_remote_served_over_http_is_read_only_but_pulled_from(tmp_path, model)
     finally:
         server.shutdown()
         server.server_close()
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_an_unreachable_or_silent_remote_means_a_local_build_with_a_warning(tmp_path, model):

@@ -15,7 +15,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
-from conftest import copy_model, run_doit, write_project
+from conftest import closed_port, copy_model, run_doit, write_project
 from fakehub import FakeHub
 from huggingface_hub import constants
 from safetensors.numpy import save
@@ -89,12 +89,6 @@ def retrained(weights: bytes) -> bytes:
 def hub_project(root: Path) -> Path:
     model = f'[tool.phibuild.model.my-phi]\nrepo = "{REPO_ID}"\n'
     return write_project(root, ["my-phi"], ["onnx"], ["int4"], extra=model)
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_fetch_downloads_only_the_build_files_of_the_resolved_commit(
