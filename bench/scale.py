@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 from benchlib import (
+    BACKENDS,
     BIN,
     installed_backends,
     machine,
@@ -162,7 +163,8 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "phibuild-bench-scale",
                         help="where the checkpoints and projects go (default: phibuild-bench-scale in the temp dir)")
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 2], help="layer counts (default 1 2)")
-    parser.add_argument("--backends", nargs="+", default=None, help="backends (default: every installed one)")
+    parser.add_argument("--backends", nargs="+", default=None, choices=BACKENDS, metavar="BACKEND",
+                        help="backends (default: every installed one)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints for the next run")
     args = parser.parse_args()
     counts = sorted(set(args.layers))

@@ -44,46 +44,36 @@ class ModelSpec:
     revision: str | None = None  # branch, tag or commit asked for; the lock pins the commit
     path: Path | None = None
     embedded: bool = False
-    about: str = ""
-
-    @property
-    def origin(self) -> str:
-        if self.embedded:
-            return f"embedded:{self.name}"
-        if self.repo:
-            return f"hf:{self.repo}" + (f"@{self.revision}" if self.revision else "")
-        return f"path:{self.path}"
 
 
-def _hub(name: str, repo: str, architecture: str, about: str) -> ModelSpec:
-    return ModelSpec(name, architecture, repo=repo, about=about)
+def _hub(name: str, repo: str, architecture: str) -> ModelSpec:
+    return ModelSpec(name, architecture, repo=repo)
 
 
-def _embedded(name: str, about: str) -> ModelSpec:
-    return ModelSpec(name, "Phi3ForCausalLM", path=EMBEDDED_DIR / name, embedded=True, about=about)
+def _embedded(name: str) -> ModelSpec:
+    return ModelSpec(name, "Phi3ForCausalLM", path=EMBEDDED_DIR / name, embedded=True)
 
 
 CATALOG: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
-        _hub("phi3-mini-4k", "microsoft/Phi-3-mini-4k-instruct", "Phi3ForCausalLM", "3.8B, 4k context"),
-        _hub("phi3-mini-128k", "microsoft/Phi-3-mini-128k-instruct", "Phi3ForCausalLM", "3.8B, 128k longrope"),
-        _hub("phi3-small-8k", "microsoft/Phi-3-small-8k-instruct", "Phi3SmallForCausalLM",
-             "7B, remote code, tiktoken tokenizer"),
-        _hub("phi3-medium-4k", "microsoft/Phi-3-medium-4k-instruct", "Phi3ForCausalLM", "14B, 4k context, GQA"),
-        _hub("phi3-medium-128k", "microsoft/Phi-3-medium-128k-instruct", "Phi3ForCausalLM",
-             "14B, 128k longrope, GQA"),
-        _hub("phi35", "microsoft/Phi-3.5-mini-instruct", "Phi3ForCausalLM", "3.8B, 128k longrope"),
-        _hub("phi35-moe", "microsoft/Phi-3.5-MoE-instruct", "PhiMoEForCausalLM", "42B MoE (6.6B active)"),
-        _hub("phi4", "microsoft/phi-4", "Phi3ForCausalLM", "14B, 16k context, BPE tokenizer"),
-        _hub("phi4-mini", "microsoft/Phi-4-mini-instruct", "Phi3ForCausalLM",
-             "3.8B, 128k longrope, partial rotary, tied embeddings"),
-        _hub("phi4-mini-reasoning", "microsoft/Phi-4-mini-reasoning", "Phi3ForCausalLM", "3.8B reasoning"),
-        _hub("phi4-reasoning", "microsoft/Phi-4-reasoning", "Phi3ForCausalLM", "14B reasoning, 32k context"),
-        _embedded("phi3-tiny", "embedded look-alike of Phi-3-mini-4k: SentencePiece, no rope scaling"),
-        _embedded("phi35-tiny", "embedded look-alike of Phi-3.5-mini: SentencePiece, longrope"),
-        _embedded("phi4-mini-tiny",
-                  "embedded look-alike of Phi-4-mini: BPE, GQA, partial rotary 0.75, tied embeddings"),
+        _hub("phi3-mini-4k", "microsoft/Phi-3-mini-4k-instruct", "Phi3ForCausalLM"),  # 3.8B, 4k context
+        _hub("phi3-mini-128k", "microsoft/Phi-3-mini-128k-instruct", "Phi3ForCausalLM"),  # 3.8B, 128k longrope
+        # 7B, remote code, tiktoken tokenizer
+        _hub("phi3-small-8k", "microsoft/Phi-3-small-8k-instruct", "Phi3SmallForCausalLM"),
+        _hub("phi3-medium-4k", "microsoft/Phi-3-medium-4k-instruct", "Phi3ForCausalLM"),  # 14B, 4k, GQA
+        _hub("phi3-medium-128k", "microsoft/Phi-3-medium-128k-instruct", "Phi3ForCausalLM"),  # 14B, longrope, GQA
+        _hub("phi35", "microsoft/Phi-3.5-mini-instruct", "Phi3ForCausalLM"),  # 3.8B, 128k longrope
+        _hub("phi35-moe", "microsoft/Phi-3.5-MoE-instruct", "PhiMoEForCausalLM"),  # 42B MoE, 6.6B active
+        _hub("phi4", "microsoft/phi-4", "Phi3ForCausalLM"),  # 14B, 16k context, BPE tokenizer
+        # 3.8B, 128k longrope, partial rotary, tied embeddings, BPE tokenizer
+        _hub("phi4-mini", "microsoft/Phi-4-mini-instruct", "Phi3ForCausalLM"),
+        _hub("phi4-mini-reasoning", "microsoft/Phi-4-mini-reasoning", "Phi3ForCausalLM"),  # 3.8B reasoning
+        _hub("phi4-reasoning", "microsoft/Phi-4-reasoning", "Phi3ForCausalLM"),  # 14B reasoning, 32k context
+        # Embedded look-alikes, shipped in the package (tools/make_embedded_models.py):
+        _embedded("phi3-tiny"),  # Phi-3-mini-4k: SentencePiece, no rope scaling
+        _embedded("phi35-tiny"),  # Phi-3.5-mini: SentencePiece, longrope
+        _embedded("phi4-mini-tiny"),  # Phi-4-mini: BPE, GQA, partial rotary 0.75, tied embeddings
     )
 }
 

@@ -116,12 +116,11 @@ def _custom_models(tables: dict[str, Any], root: Path, path: Path) -> dict[str, 
     for name, spec in tables.items():
         if not isinstance(spec, dict) or ("path" in spec) == ("repo" in spec):
             raise ConfigError(f"{path}: [tool.phibuild.model.{name}] needs exactly one of path or repo")
-        extra = sorted(set(spec) - {"path", "repo", "revision", "about"})
+        extra = sorted(set(spec) - {"path", "repo", "revision"})
         if extra:
             raise ConfigError(f"{path}: [tool.phibuild.model.{name}] has unknown keys {', '.join(extra)}")
         local = (root / spec["path"]) if "path" in spec else None
-        specs[name] = ModelSpec(name, repo=spec.get("repo"), revision=spec.get("revision"), path=local,
-                                about=spec.get("about", ""))
+        specs[name] = ModelSpec(name, repo=spec.get("repo"), revision=spec.get("revision"), path=local)
     return specs
 
 

@@ -128,6 +128,13 @@ class StatCache:
             self._db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
                              (path, *signature, digest.xxh3_128, digest.sha256))
 
+    def forget(self, directory: Path) -> None:
+        """Drop what is known of the files under ``directory`` (removed: their rows would only take space)."""
+        prefix = os.path.abspath(directory).rstrip(os.sep) + os.sep
+        with self._lock:
+            self._db.execute("DELETE FROM files WHERE substr(path, 1, ?) = ?", (len(prefix), prefix))
+        self._recent = {path: known for path, known in self._recent.items() if not path.startswith(prefix)}
+
     def digest(self, path: Path, with_sha256: bool = False) -> FileDigest:
         """The file's digest, from the cache when its stat is unchanged, else by reading it once.
 

@@ -173,10 +173,13 @@ class Project:
         return entry.get("revision") if entry else None
 
     def origin(self, model: ModelSpec) -> str:
-        if model.path is not None and not model.embedded:
-            path = model.path
-            return f"path:{self.shown(path)}"
-        return model.origin
+        """Where the model's files come from, as artifacts.lock records it: a local path relative to the
+        project, so that the lock does not change from one checkout to another."""
+        if model.embedded:
+            return f"embedded:{model.name}"
+        if model.repo:
+            return f"hf:{model.repo}" + (f"@{model.revision}" if model.revision else "")
+        return f"path:{self.shown(model.path)}"
 
     # -- status ----------------------------------------------------------------------------------
 

@@ -151,6 +151,7 @@ class Store:
 
     def remove(self, key: str) -> None:
         _remove_tree(self.path(key))
+        self.statcache.forget(self.path(key))
 
     def link_visible(self, entry: Entry, visible: Path, unlinkable: tuple[str, ...] = ()) -> str:
         """Make ``visible`` show exactly the entry's files; returns how ("reflink", "hardlink", "copy").
@@ -210,8 +211,9 @@ def new_dir(parent: Path, prefix: str) -> Path:
 
 
 def swap_in(staging: Path, directory: Path) -> None:
-    """Put the tree ``staging`` at ``directory`` by rename, moving an old tree out of the way first:
-    a reader sees the old tree or the new one, and a crash leaves at worst a dot-directory beside it."""
+    """Put the tree ``staging`` at ``directory`` by rename, moving an old tree out of the way first: a reader
+    sees the old tree, the new one or, for the instant between the two renames, none; never a mix. A crash
+    leaves at worst a dot-directory beside it."""
     if directory.exists():
         old = new_dir(directory.parent, f".{directory.name}.old.")
         os.rename(directory, old / "tree")

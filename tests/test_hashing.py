@@ -12,6 +12,7 @@ from phibuild.hashing import StatCache, digest_tree, hash_file
 
 def _old_file(path, data: bytes):
     """A file whose mtime is well in the past, so the stat cache may trust it (see RACY_SECONDS)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     past = time.time() - 60
     os.utime(path, (past, past))
@@ -124,3 +125,15 @@ def test_a_file_dated_in_the_future_is_hashed_without_waiting(tmp_path, monkeypa
     assert cache.digest(path) == cache.digest(path) == hash_file(path)
     assert waits == []
     assert hashing.bytes_read - before == 3000  # not trusted: its stat may not change on the next write
+
+
+def test_forgetting_a_directory_drops_its_files_only(tmp_path):
+    cache = StatCache(tmp_path / "cache.sqlite")
+    gone, kept = _old_file(tmp_path / "a" / "w.bin", b"a"), _old_file(tmp_path / "ab" / "w.bin", b"b")
+    cache.digest(gone), cache.digest(kept)
+    cache.forget(tmp_path / "a")
+    before = hashing.bytes_read
+    cache.digest(kept)
+    assert hashing.bytes_read == before  # "ab/" is not under "a/"
+    cache.digest(gone)
+    assert hashing.bytes_read == before + 1
