@@ -7,13 +7,12 @@ The bundle is assembled beside the old one and swapped in by rename, like the vi
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
 from . import __version__, backends
 from .errors import BuildError
 from .project import Project
-from .store import new_dir, swap_in
+from .store import new_dir, removed_on_failure, swap_in
 
 CARD = "MODEL_CARD.md"
 
@@ -25,8 +24,7 @@ def release(project: Project, names: list[str], directory: Path) -> list[str]:
     if missing:
         raise BuildError(f"not in artifacts.lock, build them first: {', '.join(missing)}")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = new_dir(directory.parent, f".{directory.name}.")
-    try:
+    with removed_on_failure(new_dir(directory.parent, f".{directory.name}.")) as staging:
         sums: dict[str, str] = {}  # path in the bundle -> sha256
         for name in sorted(names):
             entry = lock[name]
@@ -41,9 +39,6 @@ def release(project: Project, names: list[str], directory: Path) -> list[str]:
         lines = [f"{digest}  {path}" for path, digest in sorted(sums.items())]
         (staging / "SHA256SUMS").write_text("\n".join(lines) + "\n")
         swap_in(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return lines
 
 

@@ -16,6 +16,7 @@ hardlinks of the store's, copied only where neither works.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import fnmatch
@@ -24,7 +25,6 @@ import os
 import secrets
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,15 +97,9 @@ class Store:
         self._remove_dead_builds()
         return new_dir(self.tmp, f"{os.getpid()}-")
 
-    @contextmanager
-    def building(self) -> Iterator[Path]:
+    def building(self) -> contextlib.AbstractContextManager[Path]:
         """A fresh build directory, removed if anything fails before it is published."""
-        build_dir = self.new_build_dir()
-        try:
-            yield build_dir
-        except BaseException:
-            shutil.rmtree(build_dir, ignore_errors=True)
-            raise
+        return removed_on_failure(self.new_build_dir())
 
     def _remove_dead_builds(self) -> None:
         for stale in self.tmp.iterdir():
@@ -161,18 +155,14 @@ class Store:
         by rename; the digests of copies are recorded, so checking them later reads nothing.
         """
         visible.parent.mkdir(parents=True, exist_ok=True)
-        staging = new_dir(visible.parent, f".{visible.name}.")
         methods = {}
-        try:
+        with removed_on_failure(new_dir(visible.parent, f".{visible.name}.")) as staging:
             for name in sorted(entry.files):
                 target = staging / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 hardlink = not any(fnmatch.fnmatch(name, pattern) for pattern in unlinkable)
                 methods[name] = link_file(entry.artifact / name, target, hardlink)
             swap_in(staging, visible)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         for name, method in methods.items():
             if method != "hardlink":
                 want = entry.files[name]
@@ -208,6 +198,16 @@ def new_dir(parent: Path, prefix: str) -> Path:
             return path
         except FileExistsError:
             continue
+
+
+@contextlib.contextmanager
+def removed_on_failure(directory: Path) -> Iterator[Path]:
+    """``directory`` for a tree being assembled: removed if anything fails before it is moved into place."""
+    try:
+        yield directory
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
 
 
 def swap_in(staging: Path, directory: Path) -> None:

@@ -154,12 +154,13 @@ def task_verify() -> dict:
 
 @_action
 def _verify(root: str) -> TaskFailed | None:
-    problems = verify.verify(project(Path(root)))
+    proj = project(Path(root))
+    problems = verify.verify(proj)
     for problem in problems:
         print(f"phibuild: verify: {problem}")
     if problems:
         return TaskFailed(f"phibuild: verify found {len(problems)} problems")
-    print(f"phibuild: verify: all {len(project(Path(root)).lock.read())} artifacts match artifacts.lock")
+    print(f"phibuild: verify: all {len(proj.lock.read())} artifacts match artifacts.lock")
     return None
 
 
