@@ -6,6 +6,7 @@
 from phibuild.tasks import (  # noqa: F401
     dodo_config,
     task_assemble,
+    task_constraints,
     task_gc,
     task_quantize,
     task_release,

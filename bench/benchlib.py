@@ -256,7 +256,7 @@ def selection(parser: argparse.ArgumentParser) -> None:
 
 GGUF = """import os, sys
 from pathlib import Path
-from phibuild.hf_to_gguf import convert
+from phibuild.backends.gguf.convert import convert
 from phibuild.backends.gguf import quantize
 source, out, base, kind = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 out.mkdir()

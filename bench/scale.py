@@ -51,9 +51,10 @@ HIDDEN, INTERMEDIATE, VOCAB, HEADS = 3072, 8192, 32064, 32
 ROWS_AT_ONCE = 4096
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja",
                    "generation_config.json")
-CONVERT = ("import sys; from pathlib import Path; from phibuild.hf_to_gguf import convert; "
+CONVERT = ("import sys; from pathlib import Path; from phibuild.backends.gguf.convert import convert; "
            "convert(Path(sys.argv[1]), Path(sys.argv[2]), 'f16')")
-IMPORTS = "import gguf, numpy, sentencepiece, phibuild.hf_to_gguf"  # what the converter imports, converting nothing
+# what the converter imports, converting nothing
+IMPORTS = "import gguf, numpy, sentencepiece, phibuild.backends.gguf.convert"
 
 
 def shapes(layers: int) -> dict[str, tuple[int, ...]]:

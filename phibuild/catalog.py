@@ -15,7 +15,8 @@ from .errors import ConfigError
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
 
 # Files a build reads from a Hugging Face checkpoint directory; everything else (README, images,
-# original/ PyTorch pickles) is ignored, downloaded by no one and hashed by no one.
+# original/ PyTorch pickles) is ignored, downloaded by no one and hashed by no one. The model's own code
+# (CODE_PATTERNS) is read only when the model opts in to running it (trust_remote_code).
 SOURCE_PATTERNS = (
     "config.json",
     "generation_config.json",
@@ -30,8 +31,8 @@ SOURCE_PATTERNS = (
     "merges.txt",
     "chat_template.jinja",
     "chat_template.json",
-    "*.py",
 )
+CODE_PATTERNS = ("*.py",)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,11 @@ class ModelSpec:
     revision: str | None = None  # branch, tag or commit asked for; the lock pins the commit
     path: Path | None = None
     embedded: bool = False
+    trust_remote_code: bool = False  # run code from the model's directory (hub "remote code"): opt-in only
+
+    def patterns(self) -> tuple[str, ...]:
+        """The files of the model a build reads."""
+        return SOURCE_PATTERNS + (CODE_PATTERNS if self.trust_remote_code else ())
 
 
 def _hub(name: str, repo: str, architecture: str) -> ModelSpec:

@@ -12,36 +12,136 @@ Every key is optional::
     default = ["phi35-tiny-int4-onnx"]              # what plain `doit` builds
     remote = "s3://team-bucket/phibuild"            # a store shared between machines (any fsspec URL);
                                                     # PHIBUILD_REMOTE overrides it
-    remote_timeout = 10                             # seconds to wait for the remote before building locally
+    remote_timeout = 10                             # seconds to connect, and for each read or write
+    remote_transfer_timeout = 1800                  # seconds for a whole pull or push
     release = ["phi35-tiny-int4-onnx"]              # what `doit release` gathers (default: every locked one)
     release_dir = "release"
 
     [tool.phibuild.remote_options]                  # passed to fsspec, e.g. endpoint_url for S3 look-alikes
 
+    [tool.phibuild.key_packages]                    # more distributions a backend's key should cover
+    onnx = ["accelerate"]
+
     [tool.phibuild.model.my-phi]                    # a model of your own (added to the default models)
     path = "checkpoints/my-phi"                     # a local directory...
     # repo = "me/my-phi"  revision = "main"         # ...or a Hugging Face repo
+    # trust_remote_code = true                      # let the toolchains run the model's own *.py code
 
     [tool.phibuild.params.onnx]                     # parameters for every precision of a backend
     accuracy_level = 4
     [tool.phibuild.params.onnx.int4]                # and for one precision
     block_size = 64
+
+The table is checked once, where it is read, against ``FIELDS``: an unknown key, a value of the wrong type
+or a misspelled backend, precision or parameter is one message naming it; nothing unchecked is used.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import backends
+from . import validate as v
 from .catalog import EMBEDDED, ModelSpec, lookup
 from .errors import ConfigError
 
-KEYS = {"models", "model", "backends", "precisions", "store", "build", "lock", "default", "params", "remote",
-        "remote_options", "remote_timeout", "release", "release_dir"}
+REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+
+
+def _path(value: Any, where: str) -> Path:
+    if not v.text(value, where):
+        raise v.Invalid(f"{where} must name a directory or file, not an empty string")
+    return Path(value)
+
+
+def _repo(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not REPO.match(value):
+        raise v.Invalid(f"{where} must be a Hugging Face repository id like \"microsoft/Phi-3.5-mini-instruct\", "
+                        f"not {value!r}")
+    return value
+
+
+MODEL_FIELDS = {"path": v.Field(_path, required=False), "repo": v.Field(_repo, required=False),
+                "revision": v.Field(v.text, required=False),
+                "trust_remote_code": v.Field(v.boolean, required=False)}
+
+
+def _model_tables(value: Any, where: str) -> dict[str, dict[str, Any]]:
+    models = {}
+    for name, table in v.tables(value, where).items():
+        context = f"[tool.phibuild.model.{name}]"
+        v.name(name, f"{context}: the model name")
+        checked = v.fields(table, MODEL_FIELDS, context)
+        if ("path" in checked) == ("repo" in checked):
+            raise v.Invalid(f"{context} needs exactly one of path or repo")
+        if "revision" in checked and "repo" not in checked:
+            raise v.Invalid(f"{context}: revision applies to a repo, not a local path")
+        models[name] = checked
+    return models
+
+
+def _params(value: Any, where: str) -> dict[str, dict[str, Any]]:
+    """``[params.<backend>]``: backend-wide scalars, and ``[params.<backend>.<precision>]`` tables of them."""
+    checked = {}
+    for backend_name, table in v.tables(value, where).items():
+        context = f"[tool.phibuild.params.{backend_name}]"
+        backend = backends.get(_known(backend_name, list(backends.MODULES), "backend", context))
+        names = backend.parameter_names()
+        entries: dict[str, Any] = {}
+        for name, setting in table.items():
+            if name in backend.precisions and not isinstance(setting, dict):
+                raise v.Invalid(f"{context}.{name} must be a table of parameters, like "
+                                f"[tool.phibuild.params.{backend_name}.{name}]")
+            if isinstance(setting, dict):
+                _known(name, list(backend.precisions), f"precision of backend {backend_name}", context)
+                entries[name] = {param: v.scalar(value, f"{context[:-1]}.{name}].{param}")
+                                 for param, value in setting.items()}
+            else:
+                _known(name, sorted(names), f"parameter of backend {backend_name}", context)
+                entries[name] = v.scalar(setting, f"{context}.{name}")
+        checked[backend_name] = entries
+    return checked
+
+
+def _known(name: str, choices: list[str], what: str, where: str) -> str:
+    if name not in choices:
+        close = difflib.get_close_matches(name, choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise v.Invalid(f"{where}: {name!r} is not a {what}{hint}; choose from {', '.join(choices)}")
+    return name
+
+
+def _choices(allowed: tuple[str, ...], what: str):
+    def check(value: Any, where: str) -> list[str]:
+        return [_known(item, list(allowed), what, where) for item in v.name_list(value, where)]
+
+    return check
+
+
+FIELDS = {
+    "models": v.Field(v.name_list, required=False),
+    "model": v.Field(_model_tables, required=False),
+    "backends": v.Field(_choices(tuple(backends.MODULES), "backend"), required=False),
+    "precisions": v.Field(_choices(backends.PRECISIONS, "precision"), required=False),
+    "store": v.Field(_path, required=False),
+    "build": v.Field(_path, required=False),
+    "lock": v.Field(_path, required=False),
+    "release_dir": v.Field(_path, required=False),
+    "default": v.Field(v.name_list, required=False),
+    "release": v.Field(v.name_list, required=False),
+    "params": v.Field(_params, required=False),
+    "remote": v.Field(v.text, required=False),
+    "remote_options": v.Field(v.table_of(v.text, v.json_value), required=False),
+    "remote_timeout": v.Field(v.seconds, required=False),
+    "remote_transfer_timeout": v.Field(v.seconds, required=False),
+    "key_packages": v.Field(v.table_of(v.name, v.name_list), required=False),
+}
 
 
 @dataclass
@@ -59,16 +159,20 @@ class Config:
     remote: str | None = None
     remote_options: dict[str, Any] = field(default_factory=dict)
     remote_timeout: float = 10.0
+    remote_transfer_timeout: float = 1800.0
     release: list[str] | None = None  # None: every artifact in the lock
     release_dir: Path = Path("release")
+    key_packages: dict[str, list[str]] = field(default_factory=dict)
 
     def model(self, name: str) -> ModelSpec:
         return lookup(name, self.custom_models)
 
     def overrides(self, backend: str, precision: str) -> dict[str, Any]:
-        """``[params.<backend>]`` scalars, then ``[params.<backend>.<precision>]`` on top."""
+        """``[params.<backend>]`` scalars (for the precisions that have that parameter), then
+        ``[params.<backend>.<precision>]`` on top."""
         table = self.params.get(backend, {})
-        merged = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        own = backends.get(backend).precisions.get(precision, {})
+        merged = {k: value for k, value in table.items() if not isinstance(value, dict) and k in own}
         merged.update(table.get(precision, {}))
         return merged
 
@@ -77,61 +181,29 @@ def load(root: Path) -> Config:
     """Read ``root/pyproject.toml``; a project without one (or without the table) gets the defaults."""
     root = root.resolve()
     path = root / "pyproject.toml"
-    table: dict[str, Any] = {}
+    table: Any = {}
     if path.is_file():
         try:
             table = tomllib.loads(path.read_text()).get("tool", {}).get("phibuild", {})
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}") from None
-    unknown = sorted(set(table) - KEYS)
-    if unknown:
-        raise ConfigError(
-            f"{path}: unknown [tool.phibuild] keys {', '.join(unknown)}; known: {', '.join(sorted(KEYS))}"
-        )
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot be read ({exc})") from None
+    try:
+        settings = v.fields(table, FIELDS, "[tool.phibuild]")
+    except v.Invalid as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     config = Config(root)
-    config.custom_models = _custom_models(table.get("model", {}), root, path)
+    config.custom_models = {name: ModelSpec(name, repo=spec.get("repo"), revision=spec.get("revision"),
+                                            path=(root / spec["path"]) if "path" in spec else None,
+                                            trust_remote_code=spec.get("trust_remote_code", False))
+                            for name, spec in settings.pop("model", {}).items()}
     config.models = list(EMBEDDED) + sorted(config.custom_models)
-    for key in ("models", "backends", "precisions", "default", "release"):
-        if key in table:
-            names = table[key]
-            if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-                raise ConfigError(f"{path}: {key} must be a list of names, like {key} = [\"a\", \"b\"], "
-                                  f"not {names!r}")
-            setattr(config, key, names)
-    for key in ("store", "build", "lock", "release_dir"):
-        if key in table:
-            setattr(config, key, Path(table[key]))
-    for key in ("params", "remote", "remote_options", "remote_timeout"):
-        if key in table:
-            setattr(config, key, table[key])
+    for key, value in settings.items():
+        setattr(config, key, value)
     config.remote = os.environ.get("PHIBUILD_REMOTE") or config.remote
     if config.remote and "://" not in config.remote:  # a plain directory, relative to the project
         config.remote = str(root / config.remote)
-    _validate(config, path)
-    return config
-
-
-def _custom_models(tables: dict[str, Any], root: Path, path: Path) -> dict[str, ModelSpec]:
-    specs = {}
-    for name, spec in tables.items():
-        if not isinstance(spec, dict) or ("path" in spec) == ("repo" in spec):
-            raise ConfigError(f"{path}: [tool.phibuild.model.{name}] needs exactly one of path or repo")
-        extra = sorted(set(spec) - {"path", "repo", "revision"})
-        if extra:
-            raise ConfigError(f"{path}: [tool.phibuild.model.{name}] has unknown keys {', '.join(extra)}")
-        local = (root / spec["path"]) if "path" in spec else None
-        specs[name] = ModelSpec(name, repo=spec.get("repo"), revision=spec.get("revision"), path=local)
-    return specs
-
-
-def _validate(config: Config, path: Path) -> None:
     for name in config.models:
         config.model(name)
-    for name in config.backends:
-        backends.get(name)
-    bad = [p for p in config.precisions if p not in backends.PRECISIONS]
-    if bad:
-        raise ConfigError(f"{path}: unknown precision {', '.join(bad)}; choose from {', '.join(backends.PRECISIONS)}")
-    unknown_params = sorted(set(config.params) - set(backends.MODULES))
-    if unknown_params:
-        raise ConfigError(f"{path}: [tool.phibuild.params] names unknown backend {', '.join(unknown_params)}")
+    return config

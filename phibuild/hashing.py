@@ -9,6 +9,7 @@ hide behind an unchanged stat (git's "racy clean" problem).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -32,17 +33,32 @@ _counter_lock = threading.Lock()
 
 @dataclass(frozen=True)
 class FileDigest:
+    """A file's size and digests, as manifests and artifacts.lock record them (sha256 for people, who
+    verify downloads with it; xxh3-128 for phibuild)."""
+
     size: int
     xxh3_128: str
     sha256: str | None = None
 
-    def as_dict(self) -> dict:
-        """As manifests and artifacts.lock write a file's digests."""
+    @classmethod
+    def from_dict(cls, data: object, where: str) -> FileDigest:
+        from . import validate as v
+
+        table = {"size": v.Field(v.count), "xxh3_128": v.Field(v.key), "sha256": v.Field(v.sha256)}
+        return cls(**v.fields(data, table, where))
+
+    def to_dict(self) -> dict:
         return {"size": self.size, "xxh3_128": self.xxh3_128, "sha256": self.sha256}
 
+    def same_content(self, other: FileDigest) -> bool:
+        """Equal size and xxh3 (sha256 is compared where both have one)."""
+        return (self.size, self.xxh3_128) == (other.size, other.xxh3_128) and (
+            self.sha256 is None or other.sha256 is None or self.sha256 == other.sha256)
 
-def hash_file(path: Path, with_sha256: bool = False) -> FileDigest:
-    """Read ``path`` once in 1 MiB chunks and return its xxh3-128 (and sha256 if asked)."""
+
+def hash_file(path: Path, with_sha256: bool = False, copy_to: Path | None = None) -> FileDigest:
+    """Read ``path`` once in 1 MiB chunks and return its xxh3-128 (and sha256 if asked); with ``copy_to``,
+    write what was read there too, so that a copy is checked in the same pass that makes it."""
     global bytes_read
     from tqdm import tqdm  # here, not at the top: a no-op run hashes nothing and need not import it
 
@@ -52,14 +68,17 @@ def hash_file(path: Path, with_sha256: bool = False) -> FileDigest:
     buffer = bytearray(min(CHUNK, max(size, 1)))
     view = memoryview(buffer)
     done = 0
-    with open(path, "rb", buffering=0) as handle, tqdm(
-        total=size, unit="B", unit_scale=True, desc=f"hashing {Path(path).name}",
-        disable=size < PROGRESS_ABOVE, leave=False,
-    ) as bar:
+    with contextlib.ExitStack() as stack:
+        handle = stack.enter_context(open(path, "rb", buffering=0))
+        out = stack.enter_context(open(copy_to, "xb")) if copy_to is not None else None
+        bar = stack.enter_context(tqdm(total=size, unit="B", unit_scale=True, desc=f"hashing {Path(path).name}",
+                                       disable=size < PROGRESS_ABOVE, leave=False))
         while n := handle.readinto(buffer):
             xxh.update(view[:n])
             if sha is not None:
                 sha.update(view[:n])
+            if out is not None:
+                out.write(view[:n])
             done += n
             bar.update(n)
     with _counter_lock:
@@ -67,11 +86,11 @@ def hash_file(path: Path, with_sha256: bool = False) -> FileDigest:
     return FileDigest(done, xxh.hexdigest(), sha.hexdigest() if sha else None)
 
 
-def digest_files(directory: Path) -> dict[str, dict]:
-    """``{relative posix path: {size, xxh3_128, sha256}}`` of every file under ``directory``, read in full."""
+def digest_files(directory: Path) -> dict[str, FileDigest]:
+    """``{relative posix path: digest}`` of every file under ``directory``, read in full (with sha256)."""
     files = {}
     for path in sorted(p for p in Path(directory).rglob("*") if p.is_file()):
-        files[path.relative_to(directory).as_posix()] = hash_file(path, with_sha256=True).as_dict()
+        files[path.relative_to(directory).as_posix()] = hash_file(path, with_sha256=True)
     return files
 
 
@@ -93,27 +112,9 @@ class StatCache:
     """
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
-        self._setup()
+        self._db, self.writable = _connect(path)
         self._lock = threading.Lock()
         self._recent: dict[str, tuple[tuple[int, int, int, int], FileDigest]] = {}
-
-    def _setup(self, attempts: int = 200) -> None:
-        """WAL mode and the table. Switching to WAL does not wait on SQLite's busy timeout: when two
-        processes open a new cache at once, one is told "database is locked" and tries again."""
-        for attempt in range(attempts):
-            try:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute(
-                    "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER,"
-                    " ino INTEGER, dev INTEGER, xxh3 TEXT, sha256 TEXT)"
-                )
-                return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or attempt == attempts - 1:
-                    raise
-                time.sleep(0.05)
 
     def close(self) -> None:
         self._db.close()
@@ -124,15 +125,19 @@ class StatCache:
         self._persist(os.path.abspath(path), (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev), digest)
 
     def _persist(self, path: str, signature: tuple[int, int, int, int], digest: FileDigest) -> None:
-        with self._lock:
+        """Remember a digest; a cache that cannot be written (a full disk) only costs a read next time."""
+        if not self.writable:
+            return
+        with self._lock, contextlib.suppress(sqlite3.OperationalError):
             self._db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
                              (path, *signature, digest.xxh3_128, digest.sha256))
 
     def forget(self, directory: Path) -> None:
         """Drop what is known of the files under ``directory`` (removed: their rows would only take space)."""
         prefix = os.path.abspath(directory).rstrip(os.sep) + os.sep
-        with self._lock:
-            self._db.execute("DELETE FROM files WHERE substr(path, 1, ?) = ?", (len(prefix), prefix))
+        with self._lock, contextlib.suppress(sqlite3.OperationalError):
+            if self.writable:
+                self._db.execute("DELETE FROM files WHERE substr(path, 1, ?) = ?", (len(prefix), prefix))
         self._recent = {path: known for path, known in self._recent.items() if not path.startswith(prefix)}
 
     def digest(self, path: Path, with_sha256: bool = False) -> FileDigest:
@@ -169,3 +174,46 @@ class StatCache:
         elif age >= RECENT_SECONDS:
             self._recent[str(path)] = (signature, result)
         return result
+
+
+def _connect(path: Path) -> tuple[sqlite3.Connection, bool]:
+    """The cache's database and whether it can be written. In a store on read-only media (or one this user
+    may not write), what the cache holds is still used, opened immutable, and nothing new is remembered."""
+    db = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+        _setup(db)
+        return db, True
+    except (OSError, sqlite3.OperationalError) as exc:
+        if db is not None:
+            db.close()
+        if "locked" in str(exc):
+            raise
+    if path.is_file():
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?immutable=1", uri=True, check_same_thread=False)
+        try:
+            db.execute("SELECT count(*) FROM files").fetchone()
+            return db, False
+        except sqlite3.Error:
+            db.close()
+    db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+    _setup(db)
+    return db, True  # in memory: remembered for this process only
+
+
+def _setup(db: sqlite3.Connection, attempts: int = 200) -> None:
+    """WAL mode and the table. Switching to WAL does not wait on SQLite's busy timeout: when two processes open
+    a new cache at once, one is told "database is locked" and tries again."""
+    for attempt in range(attempts):
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER,"
+                " ino INTEGER, dev INTEGER, xxh3 TEXT, sha256 TEXT)"
+            )
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05)

@@ -1,28 +1,33 @@
 """``artifacts.lock``: what each artifact was built from and what it contains, in TOML.
 
-One table per artifact under ``[artifacts."<target>"]``, keys sorted, so the file diffs and merges well.
-Every write re-reads the file under an exclusive file lock, changes one entry and replaces the file by
-rename, so parallel tasks (``doit -n 2``) never lose each other's entries and a crash never leaves half
-a file.
+One table per artifact under ``[artifacts.<target>]``, and one per toolchain under ``[toolchains.<id>]``,
+keys sorted, so the file diffs and merges well. Every write re-reads the file under an exclusive file lock,
+changes one entry and replaces the file by rename, so parallel tasks (``doit -n 2``) never lose each
+other's entries and a crash never leaves half a file (a kill leaves at most a hidden temporary file, which
+the next write removes). Every lock read, the project's own or a CI slice's, is validated entry by entry
+(``records.Lock``) before anything uses it.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
+import errno
 import re
-import stat
 import tomllib
-import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import tomli_w
 
-from .errors import LockError
+from . import validate
+from .errors import LockError, file_system_error
+from .records import Lock, LockEntry
+from .store import write_file
 
-FORMAT = 1
 HEADER = (
     "# artifacts.lock: written by phibuild after every finished build; commit it.\n"
-    "# Each table pins one artifact: its source, toolchain, parameters, cache key and output files.\n\n"
+    "# Each [artifacts] table pins one artifact: its source, toolchain, parameters, cache key and output files;\n"
+    "# each [toolchains] table the exact package versions a backend built with.\n\n"
 )
 CONFLICT = re.compile(r"^(<<<<<<<|=======|>>>>>>>)( |$)", re.MULTILINE)
 
@@ -33,76 +38,90 @@ class Lockfile:
         out of the way of ``git status``."""
         self.path = path
         self._mutex = mutex or path.with_name(path.name + ".lock")
-        self._parsed: tuple[tuple[int, int, int], dict[str, dict]] | None = None
+        self._parsed: tuple[tuple[int, int, int], Lock] | None = None
 
-    def read(self) -> dict[str, dict]:
-        """All entries by target name; an absent file is an empty lock."""
-        return dict(self._entries())
-
-    def get(self, name: str) -> dict | None:
-        return self._entries().get(name)
-
-    def _entries(self) -> dict[str, dict]:
-        """Parsed once per version of the file (every write replaces it, so its inode changes): a no-op run
-        asks for each target's entry and must not parse the whole lock each time."""
+    def read(self) -> Lock:
+        """The whole lock; an absent file is an empty lock. Parsed once per version of the file (every write
+        replaces it, so its inode changes): a no-op run asks for each target's entry."""
         try:
             st = self.path.stat()
         except FileNotFoundError:
-            return {}
+            return Lock({})
+        except OSError as exc:
+            raise file_system_error(exc, "reading the lock") from None
         signature = (st.st_ino, st.st_mtime_ns, st.st_size)
         if self._parsed is None or self._parsed[0] != signature:
-            self._parsed = (signature, parse(self.path.read_text(), self.path))
+            self._parsed = (signature, parse(self._text(), self.path))
         return self._parsed[1]
 
-    def put(self, name: str, entry: dict | None) -> None:
+    def get(self, name: str) -> LockEntry | None:
+        return self.read().artifacts.get(name)
+
+    def put(self, name: str, entry: LockEntry | None) -> None:
         """Set (or with ``None`` remove) one entry, atomically and safely against concurrent writers."""
         with self._writers():
-            entries = parse(self.path.read_text(), self.path) if self.path.exists() else {}
+            artifacts = dict(parse(self._text(), self.path).artifacts) if self.path.exists() else {}
             if entry is None:
-                entries.pop(name, None)
+                artifacts.pop(name, None)
             else:
-                entries[name] = entry
-            self._write(entries)
+                artifacts[name] = entry
+            self._write(Lock(artifacts))
 
-    def put_all(self, entries: dict[str, dict]) -> None:
+    def put_all(self, lock: Lock) -> None:
         """Replace the whole lock in one atomic write (``doit assemble``)."""
         with self._writers():
-            self._write(entries)
+            self._write(lock)
 
-    def _writers(self):
-        """The inter-process lock writers hold (filelock is imported here: a no-op run writes nothing)."""
+    def _text(self) -> str:
+        try:
+            return self.path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            if isinstance(exc, UnicodeDecodeError):
+                raise LockError(f"{self.path} is not text: restore it from git") from None
+            raise file_system_error(exc, "reading the lock") from None
+
+    @contextlib.contextmanager
+    def _writers(self) -> Iterator[None]:
+        """The inter-process lock writers hold (filelock is imported here: a no-op run writes nothing). Where
+        the mutex cannot be made (a read-only store), the write goes on unguarded rather than not at all."""
         from filelock import FileLock
 
-        return FileLock(str(self._mutex))
-
-    def _write(self, entries: dict[str, dict]) -> None:
-        body = tomli_w.dumps(_sorted({"version": FORMAT, "artifacts": entries}))
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to any new file
         try:
-            with os.fdopen(fd, "w") as handle:
-                if self.path.exists():
-                    os.fchmod(handle.fileno(), stat.S_IMODE(self.path.stat().st_mode))
-                handle.write(HEADER + body)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+            self._mutex.parent.mkdir(parents=True, exist_ok=True)
+            mutex = FileLock(str(self._mutex))
+            mutex.acquire()
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise file_system_error(exc, "locking the lock for writing") from None
+            yield
+            return
+        try:
+            yield
+        finally:
+            mutex.release()
+
+    def _write(self, lock: Lock) -> None:
+        try:
+            if self.path.exists() and not self.path.stat().st_mode & 0o222:
+                raise LockError(f"{self.path} is read-only, so the build was not pinned in it: make it writable "
+                                f"(chmod u+w {self.path.name}) and build again, or set PHIBUILD_FROZEN=1 to check "
+                                "against it without writing")
+            write_file(self.path, HEADER + tomli_w.dumps(_sorted(lock.to_dict())))
+        except OSError as exc:
+            raise file_system_error(exc, f"writing {self.path.name}") from None
 
 
-def merge(base: dict[str, dict], slices: dict[str, dict[str, dict]]) -> dict[str, dict]:
+def merge(base: Lock, slices: dict[str, Lock]) -> Lock:
     """One lock from ``base`` (the committed one) and the locks several CI jobs wrote from it (by name).
 
     A target takes the entry a slice changed; slices that changed it differently are a conflict.
     """
-    merged = dict(base)
-    for target in sorted({name for entries in slices.values() for name in entries}):
-        changed = {}
-        for slice_name, entries in sorted(slices.items()):
-            entry = entries.get(target)
-            if entry is not None and entry != base.get(target):
+    merged = dict(base.artifacts)
+    for target in sorted({name for lock in slices.values() for name in lock.artifacts}):
+        changed: dict[str, tuple[str, LockEntry]] = {}
+        for slice_name, lock in sorted(slices.items()):
+            entry = lock.artifacts.get(target)
+            if entry is not None and entry != base.artifacts.get(target):
                 changed.setdefault(_canonical(entry), (slice_name, entry))
         if len(changed) > 1:
             names = ", ".join(slice_name for slice_name, _ in changed.values())
@@ -110,14 +129,14 @@ def merge(base: dict[str, dict], slices: dict[str, dict[str, dict]]) -> dict[str
                             "build it in one slice only")
         if changed:
             merged[target] = next(iter(changed.values()))[1]
-    return merged
+    return Lock(merged)
 
 
-def _canonical(entry: dict) -> str:
-    return tomli_w.dumps(_sorted(entry))
+def _canonical(entry: LockEntry) -> str:
+    return tomli_w.dumps(_sorted(entry.to_dict()))
 
 
-def parse(text: str, path: Path) -> dict[str, dict]:
+def parse(text: str, path: Path) -> Lock:
     conflict = CONFLICT.search(text)
     if conflict:
         line = text.count("\n", 0, conflict.start()) + 1
@@ -129,12 +148,10 @@ def parse(text: str, path: Path) -> dict[str, dict]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise LockError(f"{path}: not valid TOML ({exc}). Fix the line by hand or restore it from git.") from None
-    if data.get("version") != FORMAT:
-        raise LockError(f"{path}: lock format version {data.get('version')!r}, this phibuild reads {FORMAT}")
-    artifacts = data.get("artifacts", {})
-    if not isinstance(artifacts, dict) or not all(isinstance(v, dict) for v in artifacts.values()):
-        raise LockError(f"{path}: [artifacts] must hold one table per artifact")
-    return artifacts
+    try:
+        return Lock.from_dict(data, str(path))
+    except validate.Invalid as exc:
+        raise LockError(str(exc)) from None
 
 
 def _sorted(value):

@@ -1,69 +1,118 @@
 """Release bundles: chosen artifacts in one directory, a model card each, and a SHA256SUMS over all of it.
 
-Anyone can check a bundle with ``sha256sum -c SHA256SUMS`` and compare its sums with ``artifacts.lock``.
-The bundle is assembled beside the old one and swapped in by rename, like the visible artifacts.
+Anyone can check a bundle with ``sha256sum -c SHA256SUMS`` and compare its sums with ``artifacts.lock``. Every
+file is copied out of the store (never linked: what someone edits in a release must not reach the store) and
+hashed as it is copied; a file whose sha256 is not the lock's stops the release. The bundle is assembled
+beside the old one and swapped in by rename, like the visible artifacts.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__, backends
-from .errors import BuildError
+from . import __version__, validate
+from .errors import BuildError, DamageError
+from .hashing import hash_file
 from .project import Project
-from .store import new_dir, removed_on_failure, swap_in
+from .records import LockEntry
+from .store import staged
 
 CARD = "MODEL_CARD.md"
 
 
-def release(project: Project, names: list[str], directory: Path) -> list[str]:
-    """Gather ``names`` (locked artifacts) into ``directory``; returns the lines of SHA256SUMS."""
-    lock = project.lock.read()
-    missing = [name for name in names if name not in lock]
-    if missing:
-        raise BuildError(f"not in artifacts.lock, build them first: {', '.join(missing)}")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    with removed_on_failure(new_dir(directory.parent, f".{directory.name}.")) as staging:
+@dataclass
+class Released:
+    sums: list[str] = field(default_factory=list)  # the lines of SHA256SUMS
+    artifacts: list[str] = field(default_factory=list)
+    not_built: list[str] = field(default_factory=list)  # configured and locked, but not built here: left out
+
+
+def choose(project: Project) -> Released:
+    """What ``doit release`` gathers: the ``release`` setting, or every configured target built here.
+    Named artifacts that are not built here are an error, all of them named at once."""
+    lock = project.lock.read().artifacts
+    found, _ = project.targets()
+    configured = sorted(target.name for target in found)
+    chosen = Released()
+    if project.config.release is not None:
+        missing = [name for name in project.config.release if name not in lock or not _built(project, lock[name])]
+        if missing:
+            raise BuildError(f"cannot release {len(missing)} artifacts that are not built here: "
+                             f"{', '.join(missing)}; build them with: doit "
+                             + " ".join(f"quantize:{name}" for name in missing))
+        chosen.artifacts = list(project.config.release)
+        return chosen
+    for name in configured:
+        if name in lock and _built(project, lock[name]):
+            chosen.artifacts.append(name)
+        else:
+            chosen.not_built.append(name)
+    return chosen
+
+
+def _built(project: Project, entry: LockEntry) -> bool:
+    try:
+        return project.store.get(entry.key) is not None
+    except DamageError:
+        return True  # it is there, damaged: release says so
+
+
+def release(project: Project, directory: Path) -> Released:
+    """Gather the chosen artifacts into ``directory``."""
+    chosen = choose(project)
+    lock = project.lock.read().artifacts
+    with staged(directory) as staging:
         sums: dict[str, str] = {}  # path in the bundle -> sha256
-        for name in sorted(names):
+        for name in sorted(chosen.artifacts):
             entry = lock[name]
-            stored = project.store.get(entry["key"])
-            if stored is None or project.store.damaged_files(stored, entry["files"]):
-                raise BuildError(f"{name}: the store does not hold the locked files; run `doit quantize:{name}`")
-            project.store.link_visible(stored, staging / name, backends.get(entry["backend"]).unlinkable)
+            try:
+                stored = project.store.get(entry.key)
+            except DamageError as exc:
+                raise BuildError(f"{name}: the store entry is damaged ({exc}); run `doit quantize:{name}`") from None
+            for file, want in sorted(entry.files.items()):
+                copy = validate.inside(staging, f"{name}/{file}")
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    got = hash_file(stored.artifact / file, with_sha256=True, copy_to=copy)
+                except FileNotFoundError:
+                    raise BuildError(f"{name}: {file} is missing from the store; run `doit quantize:{name}`") from None
+                if got != want:
+                    raise BuildError(f"{name}: {file} in the store is not the file artifacts.lock pins (sha256 "
+                                     f"{got.sha256[:16]}, locked {want.sha256[:16]}): it is damaged; run "
+                                     f"`doit quantize:{name}` to rebuild it")
+                sums[f"{name}/{file}"] = got.sha256
             card = staging / name / CARD
             card.write_text(model_card(name, entry))
-            sums.update({f"{name}/{file}": want["sha256"] for file, want in entry["files"].items()})
             sums[f"{name}/{CARD}"] = hashlib.sha256(card.read_bytes()).hexdigest()
-        lines = [f"{digest}  {path}" for path, digest in sorted(sums.items())]
-        (staging / "SHA256SUMS").write_text("\n".join(lines) + "\n")
-        swap_in(staging, directory)
-    return lines
+        chosen.sums = [f"{digest}  {path}" for path, digest in sorted(sums.items())]
+        (staging / "SHA256SUMS").write_text("\n".join(chosen.sums) + "\n")
+    return chosen
 
 
-def model_card(name: str, entry: dict) -> str:
+def model_card(name: str, entry: LockEntry) -> str:
     """A short card: where the model came from, what made it, what it is and how it ran."""
-    size = sum(file["size"] for file in entry["files"].values())
-    source = entry["source"]
-    if entry.get("revision"):
-        source += f" at commit {entry['revision']}"
-    versions = ", ".join(f"{package} {version}" for package, version in sorted(entry["versions"].items()))
-    params = ", ".join(f"{key} = {value}" for key, value in sorted(entry["params"].items()))
-    files = "\n".join(f"| `{file}` | {want['size']} | `{want['sha256']}` |"
-                      for file, want in sorted(entry["files"].items()))
+    parts = entry.parts
+    size = sum(file.size for file in entry.files.values())
+    source = entry.source
+    if entry.revision:
+        source += f" at commit {entry.revision}"
+    versions = ", ".join(f"{package} {version}" for package, version in sorted(parts.toolchain.packages.items()))
+    params = ", ".join(f"{key} = {value}" for key, value in sorted(parts.params.items()))
+    files = "\n".join(f"| `{file}` | {want.size} | `{want.sha256}` |" for file, want in sorted(entry.files.items()))
     return f"""# {name}
 
 | | |
 |---|---|
-| source model | {entry['model']} ({source}) |
-| source digest (xxh3-128 of its files) | `{entry['source_digest']}` |
-| backend | {entry['backend']}: {versions} |
-| precision | {entry['precision']} ({params}) |
+| source model | {entry.model} ({source}) |
+| source digest (xxh3-128 of its files) | `{parts.source}` |
+| backend | {parts.backend} on {parts.toolchain.python}: {versions} |
+| precision | {parts.precision} ({params}) |
 | size | {size} bytes ({size / 2**20:.1f} MiB) |
-| smoke check | {entry['smoke']} |
-| cache key | `{entry['key']}` |
-| built by | phibuild {__version__}, recipe {entry['recipe']} |
+| smoke check | {entry.smoke.summary()} |
+| cache key | `{entry.key}` |
+| built by | phibuild {__version__}, recipe {parts.recipe}, on {', '.join(parts.machine.values())} |
 
 | file | bytes | sha256 |
 |---|---|---|
@@ -71,4 +120,3 @@ def model_card(name: str, entry: dict) -> str:
 
 Check the files with `sha256sum -c SHA256SUMS` in the release directory.
 """
-

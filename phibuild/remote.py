@@ -7,129 +7,210 @@ Layout under the remote's root::
 
 A key is published by writing its manifest last, in one atomic step (a rename on filesystems, one PUT on
 object stores), after every blob it names: no reader ever sees half an entry. Nothing pulled is trusted:
-every file is checked against the manifest, and the manifest against ``artifacts.lock`` when the lock pins
-the key. A remote that cannot be reached, is too slow to answer or fails mid-way is reported once as a
-warning and the build goes on locally; credentials come from the filesystem's usual environment
-(``AWS_*``, ``GOOGLE_APPLICATION_CREDENTIALS``, ``AZURE_STORAGE_*``).
+the manifest is validated as a record (names, digests, key), its files must be the ones ``artifacts.lock``
+pins when the lock pins the key, and every file is hashed as it arrives. A pulled entry keeps, in the local
+store, the remote it came from, so its smoke result is never mistaken for one that ran here.
+
+Time is bounded three ways: connecting and each read or write (``remote_timeout``, handed to the
+filesystem where it takes one), and each whole pull or push (``remote_transfer_timeout``). A remote that
+cannot be reached, stalls or fails mid-way is reported once, and given up on for the rest of the run: the
+build goes on locally. Credentials come from the filesystem's usual environment (``AWS_*``,
+``GOOGLE_APPLICATION_CREDENTIALS``, ``AZURE_STORAGE_*``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
 import os
-import sys
 import threading
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from .hashing import hash_file
+import xxhash
+
+from . import validate
+from .errors import DamageError
+from .hashing import CHUNK, FileDigest
+from .records import Manifest
 from .store import Entry, Store
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Protocols whose single PUT is atomic: a blob or manifest is written in place, not renamed.
 OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
+LOCALLY = "building locally, without the remote, for the rest of this run"
+PROBE = "phibuild-remote.json"  # read once to see that the remote answers; its absence is an answer too
 
 
-class Remote:
-    def __init__(self, url: str, options: dict[str, Any] | None = None, timeout: float = 10.0):
+class NoRemote:
+    """The remote of a project that has none: nothing is pulled, pushed or found."""
+
+    url: str | None = None
+    failure: str | None = None
+
+    @property
+    def caches(self) -> str:
+        """Where a key can be found without building it, for messages."""
+        return "the store (no remote is set)"
+
+    def pull(self, key: str, expected: dict[str, FileDigest] | None, store: Store) -> Entry | None:
+        return None
+
+    def push(self, entry: Entry) -> None:
+        pass
+
+    def manifest(self, key: str) -> Manifest | None:
+        return None
+
+
+class Cancelled(Exception):
+    """A transfer past its deadline, stopped between two chunks."""
+
+
+class Remote(NoRemote):
+    def __init__(self, url: str, options: dict[str, Any] | None = None, timeout: float = 10.0,
+                 transfer_timeout: float = 1800.0):
         self.url = url
         self.options = dict(options or {})
         self.timeout = timeout
+        self.transfer_timeout = transfer_timeout
         self._fs = None
         self._root = ""
-        self._usable: bool | None = None
+        self._checked = False
+
+    @property
+    def caches(self) -> str:
+        return f"the store or the remote {self.url}"
 
     # -- reachability ----------------------------------------------------------------------------
 
     def usable(self) -> bool:
         """Whether the remote answers; probed once per process, within ``timeout`` seconds."""
-        if self._usable is None:
-            try:
-                _within(self.timeout, self._connect)
-                self._usable = True
-            except TimeoutError:
-                self._disable(f"no answer within {self.timeout:g} s")
-            except Exception as exc:  # any failure to reach a remote means: build locally
-                self._disable(f"{type(exc).__name__}: {exc}")
-        return bool(self._usable)
+        if not self._checked:
+            self._checked = True
+            self._attempt("is not usable", self._connect, self.timeout, LOCALLY)
+        return self.failure is None
 
-    def _connect(self) -> None:
+    def _connect(self, deadline: float) -> None:
         import fsspec
 
-        fs, root = fsspec.core.url_to_fs(self.url, **self.options)
-        fs.exists(root)  # one round trip: a dead or silent server shows here, not in the middle of a build
+        fs, root = fsspec.core.url_to_fs(self.url, **_bounded_options(self.url, self.options, self.timeout))
+        with contextlib.suppress(FileNotFoundError):  # an empty remote answers too
+            fs.cat_file(f"{root.rstrip('/')}/{PROBE}")
         self._fs, self._root = fs, root.rstrip("/")
 
-    def _disable(self, why: str) -> None:
-        self._usable = False
-        _warn(f"remote {self.url} is not usable ({why}); building locally")
+    def _attempt(self, what: str, call: Callable[[float], T], seconds: float, then: str) -> T | None:
+        """``call(deadline)`` within ``seconds``; any failure but damage gives the remote up for the rest of
+        the run, said once, with what happens ``then``."""
+        try:
+            return _within(seconds, call)
+        except DamageError:
+            raise
+        except Exception as exc:  # any failure to reach or use a remote means: build locally
+            why = f"no answer within {seconds:g} s" if isinstance(exc, TimeoutError | Cancelled) else (
+                f"{type(exc).__name__}: {exc}")
+            self.failure = why
+            log.warning("remote %s %s (%s); %s", self.url, what, why, then)
+            return None
 
     # -- pull and push ---------------------------------------------------------------------------
 
-    def pull(self, key: str, store: Store, expected: dict[str, dict] | None = None) -> Entry | None:
-        """Download ``key`` into the local store and return it, or None when the remote lacks it.
-
-        ``expected`` (the lock's files for this key) must equal the manifest; every file must match it.
-        """
+    def manifest(self, key: str) -> Manifest | None:
+        """The manifest of ``key`` on the remote, validated, or None (also when the remote fails)."""
         if not self.usable():
             return None
         try:
-            return self._pull(key, store, expected)
-        except Exception as exc:
-            _warn(f"pulling {key} from {self.url} failed ({type(exc).__name__}: {exc}); building locally")
+            return self._attempt(f"failed reading key {key}", lambda deadline: self._manifest(key), self.timeout,
+                                 "going on without it")
+        except DamageError as exc:
+            log.warning("remote %s: %s", self.url, exc)
             return None
 
-    def _pull(self, key: str, store: Store, expected: dict[str, dict] | None) -> Entry | None:
+    def pull(self, key: str, expected: dict[str, FileDigest] | None, store: Store) -> Entry | None:
+        """Download ``key`` into the local store and return it, or None when the remote lacks it, offers other
+        files than ``expected`` (the lock's pin for this key), sends damaged data or fails."""
+        if not self.usable():
+            return None
+        try:
+            return self._attempt(f"failed pulling {key}", lambda deadline: self._pull(key, expected, store, deadline),
+                                 self.transfer_timeout, LOCALLY)
+        except DamageError as exc:
+            log.warning("remote entry %s on %s is refused (%s); building locally", key, self.url, exc)
+            return None
+
+    def _pull(self, key: str, expected: dict[str, FileDigest] | None, store: Store, deadline: float) -> Entry | None:
         manifest = self._manifest(key)
         if manifest is None:
             return None
-        files = manifest["files"]
-        if expected is not None and files != expected:
-            raise ValueError(f"its manifest lists other files than artifacts.lock pins for key {key}")
+        if expected is not None and manifest.files != expected:
+            raise DamageError(f"its manifest lists other files than artifacts.lock pins for key {key}")
         with store.building() as build_dir:
-            for name, want in sorted(files.items()):
-                path = build_dir / "artifact" / name
+            artifact = build_dir / "artifact"
+            artifact.mkdir()
+            for name, want in sorted(manifest.files.items()):
+                path = validate.inside(artifact, name)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                self._fs.get_file(self._blob_path(want["xxh3_128"]), str(path))
-                if hash_file(path, with_sha256=True).as_dict() != want:
-                    raise ValueError(f"{name} does not match the digests in its manifest")
-            return store.publish(build_dir, key, manifest)
+                got = self._download(self._blob_path(want.xxh3_128), path, deadline)
+                if got != want:
+                    raise DamageError(f"{name} does not match the digests in its manifest")
+            return store.publish(build_dir, manifest.pulled(self.url))
 
-    def push(self, entry: Entry) -> bool:
+    def push(self, entry: Entry) -> None:
         """Upload ``entry``'s blobs, then its manifest. A failure is a warning: the build stays good."""
-        if not self.usable():
-            return False
-        try:
-            for name, want in sorted(entry.files.items()):
-                blob = self._blob_path(want["xxh3_128"])
-                if not self._fs.exists(blob):
-                    self._put(entry.artifact / name, blob)
-            manifest = entry.directory / "manifest.json"
-            self._put(manifest, self._manifest_path(entry.key))
-            return True
-        except Exception as exc:
-            _warn(f"pushing {entry.key} to {self.url} failed ({type(exc).__name__}: {exc}); "
-                  "the local build is kept")
-            return False
+        if self.usable():
+            self._attempt(f"failed pushing {entry.key}", lambda deadline: self._push(entry, deadline),
+                          self.transfer_timeout, "the local build is kept, and the remote is not used for the rest of "
+                          "this run")
 
-    def has(self, key: str) -> dict | None:
-        """The manifest of ``key`` on the remote, or None (also when the remote fails, with a warning)."""
-        if not self.usable():
-            return None
-        try:
-            return self._manifest(key)
-        except Exception as exc:
-            _warn(f"reading {key} on {self.url} failed ({type(exc).__name__}: {exc})")
-            return None
+    def _push(self, entry: Entry, deadline: float) -> None:
+        for name, want in sorted(entry.files.items()):
+            blob = self._blob_path(want.xxh3_128)
+            if not self._fs.exists(blob):
+                self._put(entry.artifact / name, blob, deadline)
+        manifest = entry.directory / "manifest.json"
+        self._put(manifest, self._manifest_path(entry.key), deadline)
 
-    def _manifest(self, key: str) -> dict | None:
+    def _manifest(self, key: str) -> Manifest | None:
+        path = self._manifest_path(key)
         try:
-            return json.loads(self._fs.cat_file(self._manifest_path(key)))
+            data = json.loads(self._fs.cat_file(path))
         except FileNotFoundError:
             return None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DamageError(f"its manifest is not JSON ({exc})") from None
+        try:
+            manifest = Manifest.from_dict(data, "its manifest")
+        except validate.Invalid as exc:
+            raise DamageError(str(exc)) from None
+        if manifest.key != key:
+            raise DamageError(f"its manifest describes key {manifest.key}")
+        return manifest
 
-    def _put(self, local: Path, remote: str) -> None:
+    def _download(self, blob: str, path: Path, deadline: float) -> FileDigest:
+        """Copy one blob to ``path`` a chunk at a time, hashing it on the way, and stopping at ``deadline``."""
+        xxh, sha, size = xxhash.xxh3_128(), hashlib.sha256(), 0
+        streaming = _protocol(self._fs) in ("http", "https")  # a plain GET; servers need not do ranges
+        with self._fs.open(blob, "rb", block_size=0 if streaming else CHUNK) as source, open(path, "xb") as target:
+            while chunk := source.read(CHUNK):
+                if time.monotonic() > deadline:
+                    raise Cancelled
+                target.write(chunk)
+                xxh.update(chunk)
+                sha.update(chunk)
+                size += len(chunk)
+        return FileDigest(size, xxh.hexdigest(), sha.hexdigest())
+
+    def _put(self, local: Path, remote: str, deadline: float) -> None:
         """Upload so that ``remote`` appears whole or not at all."""
+        if time.monotonic() > deadline:
+            raise Cancelled
         self._fs.makedirs(os.path.dirname(remote), exist_ok=True)
         if _protocol(self._fs) in OBJECT_STORES:
             self._fs.put_file(str(local), remote)
@@ -139,41 +220,62 @@ class Remote:
             self._fs.put_file(str(local), partial)
             self._fs.mv(partial, remote)
         except BaseException:
-            if self._fs.exists(partial):
-                self._fs.rm_file(partial)
+            with contextlib.suppress(Exception):
+                if self._fs.exists(partial):
+                    self._fs.rm_file(partial)
             raise
 
     def _blob_path(self, digest: str) -> str:
-        return f"{self._root}/blobs/{digest[:2]}/{digest}"
+        return f"{self._root}/blobs/{digest[:2]}/{validate.key(digest, 'a blob digest')}"
 
     def _manifest_path(self, key: str) -> str:
-        return f"{self._root}/keys/{key[:2]}/{key}.json"
+        return f"{self._root}/keys/{key[:2]}/{validate.key(key, 'a cache key')}.json"
 
 
-def _warn(message: str) -> None:
-    """Tell the person running doit; the build goes on."""
-    print(f"phibuild: warning: {message}", file=sys.stderr, flush=True)
+def _bounded_options(url: str, options: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """The user's fsspec options, with time limits on connecting and on each read added for the protocols
+    that take them (the user's own settings win)."""
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    options = dict(options)
+    if protocol in ("http", "https"):
+        import aiohttp
+
+        client = dict(options.get("client_kwargs", {}))
+        client.setdefault("timeout", aiohttp.ClientTimeout(total=None, connect=timeout, sock_connect=timeout,
+                                                           sock_read=timeout))
+        options["client_kwargs"] = client
+    elif protocol in ("s3", "s3a"):
+        config = dict(options.get("config_kwargs", {}))
+        config.setdefault("connect_timeout", timeout)
+        config.setdefault("read_timeout", timeout)
+        config.setdefault("retries", {"max_attempts": 2})
+        options["config_kwargs"] = config
+    return options
 
 
-def _within(seconds: float, call) -> None:
-    """Run ``call`` in a daemon thread and wait at most ``seconds``: a hung connection cannot hold us."""
-    failure: list[BaseException] = []
+def _within(seconds: float, call: Callable[[float], T]) -> T:
+    """``call(deadline)`` in a daemon thread, waited for at most ``seconds``: a hung connection cannot hold
+    the build. ``call`` checks the deadline between chunks; one stuck inside a read is abandoned."""
+    deadline = time.monotonic() + seconds
+    outcome: list = []
 
     def run() -> None:
         try:
-            call()
+            outcome.append((True, call(deadline)))
         except BaseException as exc:
-            failure.append(exc)
+            outcome.append((False, exc))
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     thread.join(seconds)
-    if thread.is_alive():
+    if not outcome:
         raise TimeoutError
-    if failure:
-        raise failure[0]
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
 
 
 def _protocol(fs) -> str:
     protocol = fs.protocol
-    return protocol[0] if isinstance(protocol, (tuple, list)) else protocol
+    return protocol[0] if isinstance(protocol, tuple | list) else protocol

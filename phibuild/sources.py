@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .catalog import SOURCE_PATTERNS, ModelSpec
-from .errors import SourceError
+from . import validate
+from .catalog import CODE_PATTERNS, SOURCE_PATTERNS, ModelSpec
+from .errors import SourceError, file_system_error
 from .hashing import StatCache, digest_tree
 
 
@@ -34,25 +35,30 @@ class Source:
         return digest_tree(self.files)
 
 
-def source_files(directory: Path) -> list[Path]:
-    """The files in ``directory`` that a build reads (see ``SOURCE_PATTERNS``), sorted."""
+def source_files(directory: Path, trust_remote_code: bool = False) -> list[Path]:
+    """The files in ``directory`` that a build reads (see ``SOURCE_PATTERNS``; the model's own ``*.py`` only
+    with ``trust_remote_code``), sorted."""
+    patterns = SOURCE_PATTERNS + (CODE_PATTERNS if trust_remote_code else ())
     found = []
     for root, dirs, names in os.walk(directory):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in names:
-            if any(fnmatch.fnmatch(name, pattern) for pattern in SOURCE_PATTERNS):
+            if any(fnmatch.fnmatch(name, pattern) for pattern in patterns):
                 found.append(Path(root) / name)
     return sorted(found)
 
 
-def digest_directory(directory: Path, cache: StatCache) -> dict[str, str]:
+def digest_directory(directory: Path, cache: StatCache, trust_remote_code: bool = False) -> dict[str, str]:
     """``{relative path: xxh3}`` for a model directory, through the stat cache."""
     if not directory.is_dir():
         raise SourceError(f"model directory {directory} does not exist")
-    return {
-        path.relative_to(directory).as_posix(): cache.digest(path).xxh3_128
-        for path in source_files(directory)
-    }
+    files = {}
+    for path in source_files(directory, trust_remote_code):
+        try:
+            files[path.relative_to(directory).as_posix()] = cache.digest(path).xxh3_128
+        except OSError as exc:
+            raise SourceError(str(file_system_error(exc, "reading the model"))) from None
+    return files
 
 
 def read_config(directory: Path) -> dict:
@@ -64,7 +70,11 @@ def read_config(directory: Path) -> dict:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SourceError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict) or not config.get("architectures"):
+    except OSError as exc:
+        raise SourceError(str(file_system_error(exc, "reading the model"))) from None
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    if not architectures or not isinstance(architectures, list) or not all(
+            isinstance(name, str) for name in architectures):
         raise SourceError(f"{path} names no architectures; is this a causal language model checkpoint?")
     return config
 
@@ -84,8 +94,10 @@ def check_checkpoint(directory: Path) -> None:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         try:
-            wanted = set(json.loads(index.read_text())["weight_map"].values())
-        except (json.JSONDecodeError, KeyError) as exc:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            wanted = {validate.relative_path(name, "its weight_map") for name in weight_map.values()}
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError,
+                validate.Invalid) as exc:
             raise SourceError(f"{index} is broken: {exc}") from None
         missing = sorted(w for w in wanted if not (directory / w).is_file())
         if missing:
@@ -130,7 +142,7 @@ def _check_safetensors(path: Path) -> None:
 
 
 def local_source(spec: ModelSpec, cache: StatCache) -> Source:
-    return Source(spec.path, digest_directory(spec.path, cache))
+    return Source(spec.path, digest_directory(spec.path, cache, spec.trust_remote_code))
 
 
 def resolve_revision(spec: ModelSpec) -> str:
@@ -151,7 +163,7 @@ def fetch(spec: ModelSpec, revision: str, cache: StatCache) -> Source:
     try:
         info = HfApi().model_info(spec.repo, revision=revision, files_metadata=True,
                                   timeout=constants.HF_HUB_ETAG_TIMEOUT)
-        directory = Path(snapshot_download(spec.repo, revision=revision, allow_patterns=list(SOURCE_PATTERNS)))
+        directory = Path(snapshot_download(spec.repo, revision=revision, allow_patterns=list(spec.patterns())))
     except Exception as exc:
         raise SourceError(_hub_failure(spec, exc)) from None
     for sibling in info.siblings or []:
@@ -169,7 +181,7 @@ def fetch(spec: ModelSpec, revision: str, cache: StatCache) -> Source:
                 f"({got.size} bytes with sha256 {got.sha256} were downloaded); it was removed from the "
                 "Hugging Face cache: build again to download it anew"
             )
-    return Source(directory, digest_directory(directory, cache), revision)
+    return Source(directory, digest_directory(directory, cache, spec.trust_remote_code), revision)
 
 
 def _hub_failure(spec: ModelSpec, exc: Exception) -> str:

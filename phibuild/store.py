@@ -3,15 +3,17 @@
 Layout under the store root (default ``.phibuild/``)::
 
     objects/ab/abcdef.../artifact/...   the backend's output files (mode 0444)
-    objects/ab/abcdef.../manifest.json  their sizes and digests, and the smoke-check result
+    objects/ab/abcdef.../manifest.json  their sizes and digests, the key components and the smoke check
     tmp/<pid>-<random>/                 builds in progress; a killed build leaves only this behind
     locks/<key>.lock                    held while a key is being built, so two processes build it once
     locks/lockfile-<digest>.lock        held while artifacts.lock is rewritten
     statcache.sqlite                    see hashing.StatCache
 
 An entry is built in ``tmp/``, verified, then published with one ``rename``: it is either complete or
-absent. Users see artifacts under a stable path (``build/<target>/``), whose files are reflinks or
-hardlinks of the store's, copied only where neither works.
+absent. Nothing in it is trusted when it is taken out again: ``find`` reads every file and compares it with
+what the lock pins (or, for a key the lock does not pin, with the entry's own manifest), and an entry that
+differs is damage, removed and rebuilt. Users see artifacts under a stable path (``build/<target>/``), whose
+files are reflinks or hardlinks of the store's, copied only where neither works.
 """
 
 from __future__ import annotations
@@ -21,33 +23,44 @@ import errno
 import fcntl
 import fnmatch
 import json
+import logging
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .hashing import FileDigest, StatCache
+from . import validate
+from .errors import DamageError
+from .hashing import FileDigest, StatCache, hash_file
+from .records import Manifest, differing_files
+
+log = logging.getLogger(__name__)
 
 FICLONE = 0x40049409  # linux/fs.h: share extents with another file (btrfs, xfs, ...)
+STAGING = ".phibuild-"  # in the names of half-made trees and files beside their final place
 
 
 @dataclass(frozen=True)
 class Entry:
-    """A published store entry."""
+    """A published store entry whose files were checked against what was expected of them."""
 
-    key: str
     directory: Path
-    manifest: dict
+    manifest: Manifest
+
+    @property
+    def key(self) -> str:
+        return self.manifest.key
 
     @property
     def artifact(self) -> Path:
         return self.directory / "artifact"
 
     @property
-    def files(self) -> dict[str, dict]:
-        return self.manifest["files"]
+    def files(self) -> dict[str, FileDigest]:
+        return self.manifest.files
 
 
 class Store:
@@ -59,47 +72,114 @@ class Store:
         self.statcache = StatCache(root / "statcache.sqlite")
 
     def path(self, key: str) -> Path:
+        key = validate.key(key, "a cache key")
         return self.objects / key[:2] / key
 
+    # -- reading -----------------------------------------------------------------------------------
+
     def get(self, key: str) -> Entry | None:
+        """The entry under ``key`` as its manifest describes it, None if there is none; DamageError if the
+        manifest is unreadable or describes another key. Its files are not checked (see ``find``)."""
         directory = self.path(key)
+        manifest_path = directory / "manifest.json"
         try:
-            manifest = json.loads((directory / "manifest.json").read_text())
+            data = json.loads(manifest_path.read_text())
         except FileNotFoundError:
             return None
-        return Entry(key, directory, manifest)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DamageError(f"{manifest_path} is not valid JSON ({exc})") from None
+        try:
+            manifest = Manifest.from_dict(data, str(manifest_path))
+        except validate.Invalid as exc:
+            raise DamageError(str(exc)) from None
+        if manifest.key != key:
+            raise DamageError(f"{manifest_path} describes key {manifest.key}, not {key}")
+        return Entry(directory, manifest)
 
-    def damaged_files(self, entry: Entry, expected: dict[str, dict] | None = None) -> list[str]:
-        """Files of ``entry`` that are missing or whose size or xxh3 differ from ``expected``
-        (default: its own manifest). Unchanged files are judged by the stat cache, without reading."""
-        damaged = []
-        for name, want in sorted((expected or entry.files).items()):
+    def find(self, key: str, expected: dict[str, FileDigest] | None) -> Entry | None:
+        """The entry under ``key`` if its manifest lists exactly the files ``expected`` (the lock's pin, when the
+        lock pins this key) and every file has the content its manifest records. Every byte is read: a store
+        file can rot without its size or time changing. A damaged entry is reported and removed, and None
+        returned."""
+        try:
+            entry = self.get(key)
+            if entry is None:
+                return None
+            if expected is not None and entry.files != expected:
+                raise DamageError("its files are not the ones artifacts.lock pins for this key: "
+                                  + ", ".join(differing_files(entry.files, expected)))
+            damaged = self.damaged_files(entry, read=True)
+            if damaged:
+                raise DamageError(f"files differ from its manifest: {', '.join(damaged)}")
+        except DamageError as exc:
+            log.warning("store entry %s is damaged (%s); building it again", key, exc)
+            self.remove(key)
+            return None
+        return entry
+
+    def damaged_files(self, entry: Entry, expected: dict[str, FileDigest] | None = None,
+                      read: bool = False) -> list[str]:
+        """Files of ``entry`` that are missing or whose size or xxh3 differ from ``expected`` (default: its
+        own manifest), and files it has that are not expected. Unchanged files are judged by the stat cache
+        unless ``read``."""
+        want = expected if expected is not None else entry.files
+        damaged = sorted(set(entry.files) ^ set(want))
+        for name, digest in sorted(want.items()):
+            if name not in entry.files:
+                continue
             path = entry.artifact / name
             try:
-                got = self.statcache.digest(path)
+                got = hash_file(path) if read else self.statcache.digest(path)
             except FileNotFoundError:
                 damaged.append(name)
                 continue
-            if got.size != want["size"] or got.xxh3_128 != want["xxh3_128"]:
+            if not got.same_content(digest):
                 damaged.append(name)
-        return damaged
+        return sorted(set(damaged))
 
-    def locked(self, key: str):
-        """An inter-process lock for building ``key``: the second builder waits, then finds it published."""
+    def entries(self) -> tuple[list[Entry], list[Path]]:
+        """Every published entry, by key, and the directories whose manifest is damaged."""
+        found, damaged = [], []
+        for path in sorted(self.objects.glob("*/*")):
+            try:
+                entry = self.get(path.name)
+            except (DamageError, validate.Invalid):
+                damaged.append(path)
+                continue
+            if entry is not None:
+                found.append(entry)
+        return found, damaged
+
+    # -- writing -----------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self, key: str) -> Iterator[None]:
+        """An inter-process lock for building ``key``: the second builder waits, then finds it published.
+        A store this user cannot write is only read from, so it needs no lock."""
         from filelock import FileLock  # here: a no-op run locks nothing
 
-        self.locks.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(self.locks / f"{key}.lock"))
+        try:
+            self.locks.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(self.locks / f"{validate.key(key, 'a cache key')}.lock"))
+            lock.acquire()
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            yield
+            return
+        try:
+            yield
+        finally:
+            lock.release()
 
-    def new_build_dir(self) -> Path:
-        """A fresh directory in ``tmp/`` for one build; left-overs of dead builds are removed first."""
+    @contextlib.contextmanager
+    def building(self) -> Iterator[Path]:
+        """A fresh directory in ``tmp/`` for one build, removed if anything fails before it is published;
+        left-overs of dead builds are removed first."""
         self.tmp.mkdir(parents=True, exist_ok=True)
         self._remove_dead_builds()
-        return new_dir(self.tmp, f"{os.getpid()}-")
-
-    def building(self) -> contextlib.AbstractContextManager[Path]:
-        """A fresh build directory, removed if anything fails before it is published."""
-        return removed_on_failure(self.new_build_dir())
+        with removed_on_failure(new_dir(self.tmp, f"{os.getpid()}-")) as directory:
+            yield directory
 
     def _remove_dead_builds(self) -> None:
         for stale in self.tmp.iterdir():
@@ -107,19 +187,19 @@ class Store:
             if pid.isdigit() and not _alive(int(pid)):
                 shutil.rmtree(stale, ignore_errors=True)  # another process may be removing it too
 
-    def publish(self, build_dir: Path, key: str, manifest: dict) -> Entry:
+    def publish(self, build_dir: Path, manifest: Manifest) -> Entry:
         """Seal ``build_dir`` (holding ``artifact/``) and move it to its key in one rename.
 
-        If another process published the same key first, its entry wins and ours is discarded:
-        same key, same inputs, so either is right. The manifest's digests are those of files the caller
-        has just hashed: they are recorded, so that later checks need not read the files again.
+        If another process published the same key first, its entry wins and ours is discarded: both were
+        checked against the same expectation. The manifest's digests are those of files the caller has just
+        hashed: they are recorded, so that later stat checks need not read the files again.
         """
-        (build_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        (build_dir / "manifest.json").write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
         for path in sorted(build_dir.rglob("*")):
             if path.is_file():
                 _fsync(path)
                 path.chmod(0o444)
-        final = self.path(key)
+        final = self.path(manifest.key)
         final.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.rename(build_dir, final)
@@ -127,51 +207,41 @@ class Store:
             if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise
             _remove_tree(build_dir)
-            return self.get(key)
+            return Entry(final, manifest)
         _fsync_dir(final.parent)
-        entry = self.get(key)
+        entry = Entry(final, manifest)
         for name, digest in entry.files.items():
-            self.statcache.record(entry.artifact / name, FileDigest(**digest))
+            self.statcache.record(entry.artifact / name, digest)
         return entry
-
-    def entries(self) -> list[Entry]:
-        """Every published entry, by key."""
-        return [entry for path in sorted(self.objects.glob("*/*")) if (entry := self.get(path.name))]
-
-    def garbage(self, referenced: set[str]) -> list[tuple[Entry, int]]:
-        """Entries whose key is not in ``referenced``, with their size in bytes."""
-        return [(entry, sum(f["size"] for f in entry.files.values()))
-                for entry in self.entries() if entry.key not in referenced]
 
     def remove(self, key: str) -> None:
         _remove_tree(self.path(key))
         self.statcache.forget(self.path(key))
 
-    def link_visible(self, entry: Entry, visible: Path, unlinkable: tuple[str, ...] = ()) -> str:
-        """Make ``visible`` show exactly the entry's files; returns how ("reflink", "hardlink", "copy").
+    # -- showing -----------------------------------------------------------------------------------
 
-        Files matching an ``unlinkable`` glob are reflinked or copied, never hardlinked (a reader may
-        refuse a file with several links). The new tree is assembled beside the old one and swapped in
-        by rename; the digests of copies are recorded, so checking them later reads nothing.
+    def show(self, entry: Entry, visible: Path, unlinkable: tuple[str, ...] = ()) -> dict[str, str]:
+        """Make ``visible`` show exactly the entry's files; returns how each was placed ("reflink",
+        "hardlink", "copy").
+
+        Files matching an ``unlinkable`` glob are reflinked or copied, never hardlinked (a reader may refuse
+        a file with several links). The new tree is assembled beside the old one and swapped in by rename;
+        the digests of copies are recorded, so checking them later reads nothing.
         """
-        visible.parent.mkdir(parents=True, exist_ok=True)
         methods = {}
-        with removed_on_failure(new_dir(visible.parent, f".{visible.name}.")) as staging:
+        with staged(visible) as staging:
             for name in sorted(entry.files):
-                target = staging / name
+                target = validate.inside(staging, name)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 hardlink = not any(fnmatch.fnmatch(name, pattern) for pattern in unlinkable)
                 methods[name] = link_file(entry.artifact / name, target, hardlink)
-            swap_in(staging, visible)
         for name, method in methods.items():
             if method != "hardlink":
-                want = entry.files[name]
-                self.statcache.record(visible / name, FileDigest(**want))
-        used = set(methods.values())
-        return "copy" if "copy" in used else "hardlink" if "hardlink" in used else "reflink"
+                self.statcache.record(visible / name, entry.files[name])
+        return methods
 
     def visible_matches(self, entry: Entry, visible: Path) -> bool:
-        """True when every entry file is present under ``visible`` with the same content.
+        """True when exactly the entry's files are under ``visible``, with the same content.
 
         A hardlink is recognised by its inode without reading; a reflink or copy by the stat cache.
         """
@@ -183,7 +253,7 @@ class Store:
                 return False
             if (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev):
                 continue
-            if self.statcache.digest(shown).xxh3_128 != want["xxh3_128"]:
+            if not self.statcache.digest(shown).same_content(want):
                 return False
         return True
 
@@ -200,6 +270,51 @@ def new_dir(parent: Path, prefix: str) -> Path:
             continue
 
 
+def staging_name(final: Path) -> Path:
+    """A hidden name beside ``final`` for the half-made tree or file that will replace it: it carries this
+    process's id, so that ``sweep`` can tell the leftovers of dead processes from work in progress."""
+    return final.with_name(f".{final.name}{STAGING}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+@contextlib.contextmanager
+def staged(final: Path) -> Iterator[Path]:
+    """A staging directory beside ``final``, swapped in by rename when the block ends and removed if it
+    fails. A reader sees the old tree, the new one or, for the instant between two renames, none; never a
+    mix. A kill leaves a hidden staging directory that the next run's ``sweep`` removes."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    sweep(final.parent)
+    with removed_on_failure(staging_name(final)) as staging:
+        staging.mkdir()
+        yield staging
+        if final.exists():
+            old = staging_name(final)
+            os.rename(final, old)
+            os.rename(staging, final)
+            _remove_tree(old)
+        else:
+            os.rename(staging, final)
+
+
+def write_file(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` in one rename, synced to disk, keeping the old file's mode (a new one
+    gets the umask's, as any file). A crash leaves the old file, and at most a hidden staging file that the
+    next write's ``sweep`` removes."""
+    sweep(path.parent)
+    tmp = staging_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            if path.exists():
+                os.fchmod(handle.fileno(), stat.S_IMODE(path.stat().st_mode))
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 @contextlib.contextmanager
 def removed_on_failure(directory: Path) -> Iterator[Path]:
     """``directory`` for a tree being assembled: removed if anything fails before it is moved into place."""
@@ -210,17 +325,23 @@ def removed_on_failure(directory: Path) -> Iterator[Path]:
         raise
 
 
-def swap_in(staging: Path, directory: Path) -> None:
-    """Put the tree ``staging`` at ``directory`` by rename, moving an old tree out of the way first: a reader
-    sees the old tree, the new one or, for the instant between the two renames, none; never a mix. A crash
-    leaves at worst a dot-directory beside it."""
-    if directory.exists():
-        old = new_dir(directory.parent, f".{directory.name}.old.")
-        os.rename(directory, old / "tree")
-        os.rename(staging, directory)
-        _remove_tree(old)
-    else:
-        os.rename(staging, directory)
+def sweep(directory: Path) -> None:
+    """Remove what dead phibuild processes left half-made in ``directory`` (see ``staging_name``)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(".") or STAGING not in name:
+            continue
+        pid = name.rsplit(STAGING, 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            path = directory / name
+            with contextlib.suppress(OSError):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
 
 
 def link_file(source: Path, target: Path, hardlink: bool = True) -> str:

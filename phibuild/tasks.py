@@ -1,44 +1,80 @@
 """doit tasks, as plain task dictionaries: one ``quantize:<model>-<precision>-<backend>`` per target, and
-``verify``, ``reproduce:<target>``, ``release``, ``gc`` and ``assemble`` over what artifacts.lock pins.
+``verify``, ``reproduce:<target>``, ``release``, ``gc``, ``assemble`` and ``constraints`` over what
+artifacts.lock pins.
 
 Use from a ``dodo.py``::
 
     from phibuild.tasks import (  # noqa: F401
-        dodo_config, task_assemble, task_gc, task_quantize, task_release, task_reproduce, task_verify,
+        dodo_config, task_assemble, task_constraints, task_gc, task_quantize, task_release, task_reproduce,
+        task_verify,
     )
 
     DOIT_CONFIG = dodo_config()
 
-Freshness is decided by phibuild's cache key (see project.py), through an ``uptodate`` object whose text
-is the reason a task is stale, which is what ``doit info quantize:<name>`` prints. doit's own MD5 file
-checks are not used: weights are never hashed by doit. phibuild's errors reach the user as one message,
-never a traceback: bad settings as doit's "ERROR:", a failed build as a failed task.
+Freshness is decided by phibuild's cache key (see status.py), through an ``uptodate`` object whose text is
+the reason a task is stale, which is what ``doit info quantize:<name>`` prints. doit's own MD5 file checks
+are not used: weights are never hashed by doit. This is the layer that talks to the person running doit:
+the library logs, and a handler here prints its records as ``phibuild: ...`` lines. phibuild's errors, and
+any operating system error, reach the user as one message, never a traceback: bad settings as doit's
+"ERROR:", a failed build as a failed task.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from doit.exceptions import InvalidTask, TaskFailed
 
-from . import release, verify
-from .errors import PhibuildError
-from .project import Project, Target
+from . import assemble, build, gc, release, status, verify
+from .backends import platform_tag
+from .environment import constraints
+from .errors import PhibuildError, file_system_error
+from .lockfile import Lockfile
+from .project import Project, Target, frozen
+from .store import sweep, write_file
 
+log = logging.getLogger("phibuild")
+CONSTRAINTS = "constraints.txt"
 _projects: dict[tuple[int, Path], Project] = {}
 
 
+class _Console(logging.Handler):
+    """phibuild's log records as lines for the person running doit: information on the current stdout,
+    warnings and errors on the current stderr (looked up at each record, so that doit's and pytest's
+    redirections apply)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        warning = record.levelno >= logging.WARNING
+        stream = sys.stderr if warning else sys.stdout
+        stream.write(f"phibuild: {'warning: ' if warning else ''}{record.getMessage()}\n")
+        stream.flush()
+
+
+def _console() -> None:
+    if not any(isinstance(handler, _Console) for handler in log.handlers):
+        log.addHandler(_Console())
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
 def project(root: Path | None = None) -> Project:
-    """This process's Project for ``root`` (doit -n forks workers: each opens its own store handles)."""
+    """This process's Project for ``root`` (doit -n forks workers: each opens its own store handles). The
+    first load sweeps up what killed runs left half-made beside build/ directories and the lock."""
     root = (root or Path.cwd()).resolve()
     key = (os.getpid(), root)
     if key not in _projects:
-        _projects[key] = Project.load(root)
+        _console()
+        proj = Project.load(root)
+        sweep(proj.root / proj.config.build)
+        sweep(proj.lock.path.parent)
+        _projects[key] = proj
     return _projects[key]
 
 
@@ -58,9 +94,11 @@ class Fresh:
     def __call__(self, task: object, values: dict) -> bool:
         try:
             proj = project(self.root)
-            self.reason = proj.status(proj.target(self.name)) or "up to date"
+            self.reason = status.status(proj, proj.target(self.name)) or "up to date"
         except PhibuildError as exc:
             self.reason = str(exc)
+        except OSError as exc:
+            self.reason = str(file_system_error(exc, "checking the target"))
         return self.reason == "up to date"
 
     def __str__(self) -> str:
@@ -68,7 +106,7 @@ class Fresh:
 
 
 def _action(function: Callable) -> Callable:
-    """A task action whose phibuild errors fail the task with their message alone, never a traceback."""
+    """A task action whose errors fail the task with their message alone, never a traceback."""
 
     @functools.wraps(function)  # doit reads the signature to pass command-line parameters
     def run(*args, **kwargs):
@@ -76,23 +114,29 @@ def _action(function: Callable) -> Callable:
             return function(*args, **kwargs)
         except PhibuildError as exc:
             return TaskFailed(f"phibuild: {exc}")
+        except OSError as exc:
+            return TaskFailed(f"phibuild: {file_system_error(exc)}")
 
     return run
 
 
 @_action
-def build(root: str, name: str) -> str:
+def _build(root: str, name: str) -> str:
     """The task action: make one target fresh."""
     proj = project(Path(root))
-    message = f"phibuild: {name}: {proj.build(proj.target(name))}"
-    print(message, flush=True)
+    message = f"{name}: {build.build(proj, proj.target(name))}"
+    log.info("%s", message)
     return message
 
 
 @_action
-def clean(root: str, name: str) -> None:
+def _clean(root: str, name: str) -> None:
+    """Remove the visible artifact; the store keeps it, so the next build restores it at once."""
     proj = project(Path(root))
-    proj.clean(proj.target(name))
+    visible = proj.visible(proj.target(name).name)
+    if visible.exists():
+        shutil.rmtree(visible)
+        log.info("removed %s (kept in the store)", proj.shown(visible))
 
 
 @contextlib.contextmanager
@@ -102,6 +146,8 @@ def _settings_errors() -> Iterator[None]:
         yield
     except PhibuildError as exc:
         raise InvalidTask(f"phibuild: {exc}") from None
+    except OSError as exc:
+        raise InvalidTask(f"phibuild: {file_system_error(exc, 'loading the project')}") from None
 
 
 def _loaded(root: Path | None = None) -> tuple[Project, list[Target], list[str]]:
@@ -115,6 +161,8 @@ def _loaded(root: Path | None = None) -> tuple[Project, list[Target], list[str]]
 def quantize_tasks(root: Path | None = None) -> Iterator[dict]:
     """Yield the task dictionaries of every buildable target of the project at ``root``."""
     proj, found, skipped = _loaded(root)
+    with _settings_errors():
+        _check_environment(proj, found)
     yield {
         "basename": "quantize",
         "name": None,
@@ -127,12 +175,45 @@ def quantize_tasks(root: Path | None = None) -> Iterator[dict]:
             "basename": "quantize",
             "name": target.name,
             "doc": _doc(target),
-            "actions": [(build, [root_text, target.name])],
+            "actions": [(_build, [root_text, target.name])],
             "uptodate": [Fresh(proj.root, target.name)],
             "targets": [str(proj.visible(target.name))],
-            "clean": [(clean, [root_text, target.name])],
+            "clean": [(_clean, [root_text, target.name])],
             "verbosity": 2,
         }
+
+
+def _check_environment(proj: Project, found: list[Target]) -> None:
+    """Say once, before any task runs, when the installed toolchains are not the ones the lock was built with
+    (and fail in frozen mode): every target of those backends would be stale for that reason alone."""
+    backends = {target.backend.name: target.backend for target in found}
+    differing: dict[str, set[str]] = {}  # backend -> "name installed (lock: version)"
+    wanted: set[str] = set()  # name==version, as the lock has it
+    for entry in proj.lock.read().artifacts.values():
+        backend = backends.get(entry.parts.backend)
+        if backend is None or entry.parts.machine.get("platform") != platform_tag():
+            continue
+        installed, recorded = proj.toolchain(backend), entry.parts.toolchain
+        have, want = {"python": installed.python, **installed.packages}, {"python": recorded.python,
+                                                                             **recorded.packages}
+        for name in sorted(have.keys() | want.keys()):
+            if have.get(name) != want.get(name):
+                differing.setdefault(backend.name, set()).add(
+                    f"{name} {have.get(name, '(not installed)')} (lock: {want.get(name, '(none)')})")
+                if name != "python" and name in want:
+                    wanted.add(f"{name}=={want[name]}")
+    if not differing:
+        return
+    found_text = "; ".join(f"{name}: {', '.join(sorted(changes))}" for name, changes in sorted(differing.items()))
+    fix = f"pip install {' '.join(sorted(wanted))}" if wanted else "install the Python version the lock names"
+    if (proj.root / CONSTRAINTS).is_file():
+        fix += f" (or: pip install -c {CONSTRAINTS} -e '.[all]')"
+    message = (f"the installed packages differ from those artifacts.lock was built with: {found_text}. Every target "
+               f"of {', '.join(sorted(differing))} is stale for that reason alone. To install the lock's versions: "
+               f"{fix}")
+    if frozen():
+        raise PhibuildError(message + "; PHIBUILD_FROZEN is set")
+    log.warning("%s", message)
 
 
 def _doc(target: Target) -> str:
@@ -147,7 +228,7 @@ def task_quantize() -> Iterator[dict]:
 
 
 def task_verify() -> dict:
-    """Check every artifact in artifacts.lock against the store and build/, reading every byte."""
+    """Check the configured artifacts in artifacts.lock against the store and build/, reading every byte."""
     proj, _, _ = _loaded()
     return {"actions": [(_verify, [str(proj.root)])], "verbosity": 2}
 
@@ -155,39 +236,55 @@ def task_verify() -> dict:
 @_action
 def _verify(root: str) -> TaskFailed | None:
     proj = project(Path(root))
-    problems = verify.verify(proj)
-    for problem in problems:
-        print(f"phibuild: verify: {problem}")
-    if problems:
-        return TaskFailed(f"phibuild: verify found {len(problems)} problems")
-    print(f"phibuild: verify: all {len(proj.lock.read())} artifacts match artifacts.lock")
+    report = verify.verify(proj)
+    for problem in report.problems:
+        log.info("verify: %s", problem)
+    _not_built("verify", report.not_built + report.not_locked)
+    if report.problems:
+        return TaskFailed(f"phibuild: verify found {len(report.problems)} problems")
+    log.info("verify: all %d artifacts built here match artifacts.lock", len(report.checked))
     return None
 
 
+def _not_built(command: str, names: list[str]) -> None:
+    """One line for the configured targets that have nothing to check or release on this machine."""
+    if names:
+        shown = ", ".join(sorted(names)[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        log.info("%s: %d configured targets are not built here (%s): `doit quantize` builds them", command,
+                 len(names), shown)
+
+
 def task_reproduce() -> Iterator[dict]:
-    """Rebuild locked artifacts from scratch, bypassing every cache, and compare their bytes with the lock."""
+    """Rebuild locked artifacts from scratch, bypassing every cache, and compare their bytes with a lock."""
     proj, found, _ = _loaded()
     with _settings_errors():
-        locked = proj.lock.read()
+        locked = proj.lock.read().artifacts
+    params = [{"name": "lock", "long": "lock", "type": str, "default": "",
+               "help": "compare with this lock file (another machine's) instead of the project's"}]
     for target in found:
-        if target.name in locked:
-            yield {"name": target.name, "doc": f"rebuild {target.name} and compare it with artifacts.lock",
-                   "actions": [(_reproduce, [str(proj.root), target.name])], "verbosity": 2}
+        yield {"name": target.name, "doc": f"rebuild {target.name} and compare it with artifacts.lock (or --lock)",
+               "actions": [(_reproduce, [str(proj.root), target.name])], "verbosity": 2, "params": params,
+               **({} if target.name in locked else {"uptodate": [False]})}
 
 
 @_action
-def _reproduce(root: str, name: str) -> TaskFailed | None:
+def _reproduce(root: str, name: str, lock: str) -> TaskFailed | None:
     proj = project(Path(root))
-    problems = verify.reproduce(proj, proj.target(name))
+    against = Lockfile(proj.root / lock) if lock else proj.lock
+    entry = against.get(name)
+    if lock and entry is None:
+        log.info("%s: not in %s; nothing to compare", name, lock)
+        return None
+    problems = verify.reproduce(proj, proj.target(name), entry)
     if problems:
-        print(f"phibuild: {name}: NOT reproducible: " + "; ".join(problems), flush=True)
+        log.info("%s: NOT reproducible: %s", name, "; ".join(problems))
         return TaskFailed(f"phibuild: {name} is not bit-reproducible")
-    print(f"phibuild: {name}: reproducible (every file identical to artifacts.lock)", flush=True)
+    log.info("%s: reproducible (every file identical to %s)", name, lock or "artifacts.lock")
     return None
 
 
 def task_release() -> dict:
-    """Gather artifacts into the release directory with a model card each and SHA256SUMS."""
+    """Gather the built artifacts into the release directory with a model card each and SHA256SUMS."""
     proj, _, _ = _loaded()
     return {"actions": [(_release, [str(proj.root)])], "verbosity": 2}
 
@@ -195,11 +292,11 @@ def task_release() -> dict:
 @_action
 def _release(root: str) -> None:
     proj = project(Path(root))
-    names = proj.config.release if proj.config.release is not None else sorted(proj.lock.read())
     directory = proj.root / proj.config.release_dir
-    lines = release.release(proj, names, directory)
-    print(f"phibuild: released {len(names)} artifacts ({len(lines)} files) in {directory}; "
-          f"check them with: cd {directory} && sha256sum -c SHA256SUMS", flush=True)
+    done = release.release(proj, directory)
+    _not_built("release", done.not_built)
+    log.info("released %d artifacts (%d files) in %s; check them with: cd %s && sha256sum -c SHA256SUMS",
+             len(done.artifacts), len(done.sums), proj.shown(directory), proj.shown(directory))
 
 
 def task_gc() -> dict:
@@ -213,17 +310,15 @@ def task_gc() -> dict:
 @_action
 def _gc(root: str, delete: bool) -> None:
     proj = project(Path(root))
-    locked = proj.lock.read().values()
-    referenced = {entry["key"] for entry in locked} | {e["intermediate"] for e in locked if "intermediate" in e}
-    garbage = proj.store.garbage(referenced)
-    for entry, size in garbage:
-        print(f"phibuild: gc: {'removing' if delete else 'would remove'} {entry.key} "
-              f"({entry.manifest.get('target', '?')}, {size / 2**20:.1f} MiB)")
+    found = gc.garbage(proj)
+    for item in found:
+        log.info("gc: %s %s (%s, %.1f MiB)", "removing" if delete else "would remove", item.directory.name,
+                 item.label, item.size / 2**20)
         if delete:
-            proj.store.remove(entry.key)
-    total = sum(size for _, size in garbage) / 2**20
+            gc.remove(proj, item)
+    total = sum(item.size for item in found) / 2**20
     verb = "removed" if delete else "can be removed (doit gc --delete)"
-    print(f"phibuild: gc: {len(garbage)} unreferenced entries, {total:.1f} MiB {verb}", flush=True)
+    log.info("gc: %d unreferenced entries, %.1f MiB %s", len(found), total, verb)
 
 
 def task_assemble() -> dict:
@@ -240,10 +335,38 @@ def _assemble(root: str, slices: str) -> TaskFailed | None:
     paths = sorted(proj.root.glob(slices))
     if not paths:
         return TaskFailed(f"phibuild: no slice lock files match {slices!r} in {proj.root}")
-    taken = proj.assemble(paths)
-    print(f"phibuild: assembled artifacts.lock from {len(paths)} slices; "
-          f"{len(taken)} entries taken from them: {', '.join(taken) or 'none'}", flush=True)
+    taken = assemble.assemble(proj, paths)
+    log.info("assembled artifacts.lock from %d slices; %d entries taken from them: %s", len(paths), len(taken),
+             ", ".join(taken) or "none")
     return None
+
+
+def task_constraints() -> dict:
+    """Write constraints.txt: the exact versions of this environment, which built artifacts.lock."""
+    proj, _, _ = _loaded()
+    return {"actions": [(_constraints, [str(proj.root)])], "verbosity": 2,
+            "params": [{"name": "extras", "long": "extras", "type": str, "default": "all,s3,test",
+                        "help": "the phibuild extras whose requirements to pin"}]}
+
+
+@_action
+def _constraints(root: str, extras: str) -> None:
+    proj = project(Path(root))
+    path = proj.root / CONSTRAINTS
+    here = f"sys_platform == \"{sys.platform}\" and platform_machine == \"{os.uname().machine}\""
+    kept = []
+    if path.is_file():  # other platforms' pins stay as they are
+        kept = [line for line in path.read_text().splitlines() if line and not line.startswith("#")
+                and not line.endswith(here)]
+    try:
+        pins = constraints(tuple(name.strip() for name in extras.split(",") if name.strip()), here)
+    except LookupError as exc:
+        raise PhibuildError(f"cannot write {CONSTRAINTS}: {exc} is not installed") from None
+    header = ("# constraints.txt: the exact versions artifacts.lock was built with, per platform; written by\n"
+              "# `doit constraints` in the environment that built the lock. Install through it:\n"
+              "#   pip install -c constraints.txt -e \".[all]\"\n")
+    write_file(path, header + "\n".join(sorted(kept + pins)) + "\n")
+    log.info("wrote %s: %d pins for %s", CONSTRAINTS, len(pins), platform_tag())
 
 
 def run(root: Path, *args: str) -> int:
@@ -273,6 +396,6 @@ def dodo_config(root: Path | None = None) -> dict:
     """
     try:
         defaults = project(root).config.default
-    except PhibuildError:
+    except (PhibuildError, OSError):
         defaults = []
     return {**DOIT_CONFIG, "default_tasks": [f"quantize:{name}" for name in defaults] or ["quantize"]}

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from phibuild import hashing, tasks
 from phibuild.catalog import EMBEDDED_DIR
+from phibuild.lockfile import Lockfile
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "<|user|>\nWhat does os.path.join do?<|end|>\n<|assistant|>\n"
@@ -65,6 +66,13 @@ def write_project(root: Path, models: list[str], backends: list[str], precisions
         text += f"\n[tool.phibuild.model.{name}]\npath = {json.dumps(str(path))}\n"
     (root / "pyproject.toml").write_text(text)
     return root
+
+
+def lock_of(root: Path, name: str = "artifacts.lock") -> dict[str, dict]:
+    """A project's lock as its tables read, one dict per artifact, with the entry's toolchain versions under
+    "versions" (the file refers to the toolchain by id)."""
+    return {target: {**entry.to_dict(), "versions": entry.parts.toolchain.packages}
+            for target, entry in Lockfile(root / name).read().artifacts.items()}
 
 
 def copy_model(name: str, destination: Path) -> Path:
@@ -146,11 +154,55 @@ def reference_logits(model_dir: Path, prompt: str = PROMPT):
     """Next-token logits of the Hugging Face checkpoint in float32, as the ground truth for exports
     (computed once per checkpoint and prompt)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = _float32_model(model_dir)
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
     with torch.no_grad():
         logits = model(ids).logits[0, -1]
     return ids[0].tolist(), logits.numpy()
+
+
+def top2_margin(logits) -> float:
+    """How far the most likely next token is ahead of the second: below float rounding, argmax is a coin toss."""
+    import numpy as np
+
+    first, second = np.sort(np.asarray(logits, dtype=np.float64))[-2:][::-1]
+    return float(first - second)
+
+
+def assert_same_choice(got, expected, min_margin: float = 0.05) -> None:
+    """Both logit vectors pick the same next token, asserted only where the reference's choice is clear."""
+    import numpy as np
+
+    assert top2_margin(expected) >= min_margin, "a near tie: comparing argmax here would test float rounding"
+    assert int(np.argmax(got)) == int(np.argmax(expected))
+
+
+def greedy_agreement(model_dir: Path, prompt_ids: list[int], tokens: list[int], min_margin: float = 0.1) -> int:
+    """Teacher-forced check of a runtime's greedy tokens against transformers in float32: at each step the
+    reference sees the runtime's own prefix, and where its top-2 margin is at least ``min_margin`` the runtime
+    must have taken the reference's choice. Returns how many steps were that clear (a near tie proves
+    nothing either way, since other kernels may round it the other way)."""
+    import numpy as np
+    import torch
+
+    model = _float32_model(model_dir)
+    clear = 0
+    with torch.no_grad():
+        logits = model(torch.tensor([list(prompt_ids) + list(tokens)])).logits[0].numpy()
+    for step, token in enumerate(tokens):
+        reference = logits[len(prompt_ids) + step - 1]
+        if top2_margin(reference) >= min_margin:
+            clear += 1
+            assert token == int(np.argmax(reference)), f"step {step}: {token}, transformers {np.argmax(reference)}"
+    return clear
+
+
+@functools.cache
+def _float32_model(model_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

@@ -16,16 +16,15 @@ import gguf
 import llama_cpp
 import numpy as np
 import pytest
-from conftest import Run, copy_model, prompt_for, reference_logits, run_doit, tiny_phimoe, write_project
+from conftest import Run, copy_model, lock_of, prompt_for, reference_logits, run_doit, tiny_phimoe, write_project
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, Phi3Config
 
 from phibuild.backends import get
 from phibuild.backends.gguf import TYPES, quantize
+from phibuild.backends.gguf.convert import O200K, Rope, convert
 from phibuild.catalog import EMBEDDED, EMBEDDED_DIR
 from phibuild.errors import ConfigError, UnsupportedError
-from phibuild.hf_to_gguf import O200K, Rope, convert
-from phibuild.lockfile import Lockfile
 from phibuild.project import Project
 
 PRECISIONS = ["int4", "int8", "fp32"]
@@ -78,42 +77,42 @@ def tokenizer_file(model_dir: Path) -> dict:
 
 def test_quantized_variants_share_one_conversion(built):
     root, run = built
-    lock = Lockfile(root / "artifacts.lock").read()
+    lock = lock_of(root)
     project = Project.load(root)
     for model in EMBEDDED:
         # one F16 conversion shared by int4 and int8, one F32 conversion that is the fp32 artifact
-        assert run.built.count(f"{model}-gguf-intermediate") == 2
+        assert run.built.count(f"{model}-gguf-f16") == run.built.count(f"{model}-gguf-f32") == 1
         int4, int8, fp32 = (lock[f"{model}-{p}-gguf"] for p in PRECISIONS)
         assert int4["intermediate"] == int8["intermediate"] != fp32["intermediate"]
-        shared = project.store.get(int4["intermediate"])
-        assert shared.manifest["parts"]["params"] == {"outtype": "f16"}
-        assert shared.manifest["parts"]["versions"] == int4["versions"]
-        converted = project.store.get(fp32["intermediate"]).artifact / "model.gguf"
+        shared = project.store.get(int4["intermediate"]["key"])
+        assert shared.manifest.parts.params == {"outtype": "f16"}
+        assert shared.manifest.parts.toolchain.packages == int4["versions"]
+        converted = project.store.get(fp32["intermediate"]["key"]).artifact / "model.gguf"
         stored = project.store.get(fp32["key"]).artifact / "model.gguf"
         assert stored.stat().st_ino == converted.stat().st_ino  # a hardlink, not a second copy
-    assert set(run.built) == {f"{m}-gguf-intermediate" for m in EMBEDDED} | set(lock)
+    assert set(run.built) == {f"{m}-gguf-{t}" for m in EMBEDDED for t in ("f16", "f32")} | set(lock)
     assert {"llama-cpp-python", "gguf", "numpy"} <= set(lock["phi3-tiny-int4-gguf"]["versions"])
 
 
 def test_smoke_checks_ran_and_are_recorded(built):
-    lock = Lockfile(built[0] / "artifacts.lock").read()
+    lock = lock_of(built[0])
     assert len(lock) == 9
     for name, entry in lock.items():
-        assert re.fullmatch(r"ok: [1-8] tokens from a Phi chat prompt: '.*'", entry["smoke"], re.DOTALL), name
+        assert re.fullmatch(r"ok: [1-8] tokens from a Phi chat prompt: '.*'", entry["smoke"]["result"], re.DOTALL), name
 
 
 def test_builds_are_byte_identical_across_projects(built, tmp_path):
     root = write_project(tmp_path, EMBEDDED, ["gguf"], PRECISIONS)
     assert run_doit(root, "quantize").code == 0
-    first, second = Lockfile(built[0] / "artifacts.lock").read(), Lockfile(root / "artifacts.lock").read()
+    first, second = lock_of(built[0]), lock_of(root)
     assert {n: e["files"] for n, e in first.items()} == {n: e["files"] for n, e in second.items()}
     assert {n: e["key"] for n, e in first.items()} == {n: e["key"] for n, e in second.items()}
 
 
 def test_thread_count_does_not_change_the_bytes(built, tmp_path):
     project = Project.load(built[0])
-    entry = Lockfile(built[0] / "artifacts.lock").read()["phi35-tiny-int4-gguf"]
-    converted = project.store.get(entry["intermediate"]).artifact / "model.gguf"
+    entry = lock_of(built[0])["phi35-tiny-int4-gguf"]
+    converted = project.store.get(entry["intermediate"]["key"]).artifact / "model.gguf"
     for kind in ("Q4_K_M", "Q5_0"):
         outputs = []
         for threads in (1, 2):
@@ -331,8 +330,8 @@ def test_phi3_small_is_left_out_and_bad_types_are_a_settings_error(tmp_path):
 
 def test_every_offered_type_quantizes_and_loads(built, tmp_path):
     project = Project.load(built[0])
-    entry = Lockfile(built[0] / "artifacts.lock").read()["phi35-tiny-int4-gguf"]
-    converted = project.store.get(entry["intermediate"]).artifact / "model.gguf"
+    entry = lock_of(built[0])["phi35-tiny-int4-gguf"]
+    converted = project.store.get(entry["intermediate"]["key"]).artifact / "model.gguf"
     constants = {name.removeprefix("LLAMA_FTYPE_MOSTLY_"): value for name, value in vars(llama_cpp).items()
                  if name.startswith("LLAMA_FTYPE_MOSTLY_")} | {"F32": llama_cpp.LLAMA_FTYPE_ALL_F32}
     for kind in TYPES:

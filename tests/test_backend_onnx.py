@@ -13,12 +13,11 @@ import numpy as np
 import onnx
 import onnxruntime_genai as og
 import pytest
-from conftest import prompt_for, reference_logits, run_doit, write_project
+from conftest import lock_of, prompt_for, reference_logits, run_doit, write_project
 from transformers import AutoTokenizer
 
 from phibuild.catalog import EMBEDDED, EMBEDDED_DIR
 from phibuild.errors import ConfigError, UnsupportedError
-from phibuild.lockfile import Lockfile
 from phibuild.project import Project
 
 SENTENCES = ["Return the absolute path of a file.", "os.path.join('a', 'b') == 'a/b' # 42 ok?\n", "Tab\tand\nnewline"]
@@ -72,9 +71,9 @@ def test_int8_is_8_bit_matmulnbits(built):
 
 
 def test_fp16_is_built_for_cuda_and_its_smoke_check_says_it_did_not_run(built):
-    entry = Lockfile(built / "artifacts.lock").read()["phi3-tiny-fp16-onnx"]
+    entry = lock_of(built)["phi3-tiny-fp16-onnx"]
     assert entry["params"]["execution_provider"] == "cuda"
-    assert entry["smoke"] == "not run: built for the cuda execution provider; this check runs on the CPU only"
+    assert entry["smoke"]["result"] == "not run: built for the cuda execution provider; this check runs on the CPU only"
     config = json.loads((built / "build" / "phi3-tiny-fp16-onnx" / "genai_config.json").read_text())
     assert "cuda" in json.dumps(config["model"]["decoder"]["session_options"]["provider_options"])
 
@@ -102,11 +101,11 @@ def test_runs_of_spaces_are_split_differently_from_sentencepiece(built):
 
 
 def test_smoke_checks_ran_and_are_recorded(built):
-    lock = Lockfile(built / "artifacts.lock").read()
+    lock = lock_of(built)
     cpu = [name for name, entry in lock.items() if entry["params"]["execution_provider"] == "cpu"]
     assert len(cpu) == 9
     for name in cpu:
-        assert re.fullmatch(r"ok: [1-8] tokens from a Phi chat prompt: '.*'", lock[name]["smoke"], re.DOTALL)
+        assert re.fullmatch(r"ok: [1-8] tokens from a Phi chat prompt: '.*'", lock[name]["smoke"]["result"], re.DOTALL)
 
 
 def test_unsupported_pairs_are_refused_with_the_reason(tmp_path):

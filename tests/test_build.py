@@ -7,6 +7,7 @@ a key built by one test is restored by the next.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -19,11 +20,10 @@ from pathlib import Path
 
 import pytest
 import xxhash
-from conftest import copy_model, doit_process, run_doit, write_project
+from conftest import copy_model, doit_process, lock_of, run_doit, write_project
 
-from phibuild.backends.onnx import OnnxBackend
 from phibuild.hashing import digest_tree
-from phibuild.lockfile import Lockfile
+from phibuild.project import Project
 
 
 @pytest.fixture(scope="session")
@@ -47,10 +47,6 @@ def flip_weight_byte(model_dir: Path, at: int = 1001) -> None:
         handle.write(bytes([byte[0] ^ 0x01]))
 
 
-def lock_of(root: Path) -> dict:
-    return Lockfile(root / "artifacts.lock").read()
-
-
 def test_first_build_pins_every_file_and_a_second_run_reads_nothing(tmp_path):
     model = copy_model("phi3-tiny", tmp_path / "models" / "a")
     root = write_project(tmp_path, ["a"], ["onnx"], ["int4", "fp32"], local={"a": model})
@@ -68,7 +64,7 @@ def test_first_build_pins_every_file_and_a_second_run_reads_nothing(tmp_path):
         assert entry["source_digest"] == digest_tree(source_files)
         assert entry["backend"] == "onnx"
         assert entry["versions"]["onnxruntime-genai"] == importlib.metadata.version("onnxruntime-genai")
-        assert entry["smoke"].startswith("ok: "), entry["smoke"]
+        assert entry["smoke"]["result"].startswith("ok: "), entry["smoke"]
         visible = root / "build" / name
         assert sorted(entry["files"]) == sorted(p.name for p in visible.iterdir())
         assert {"model.onnx", "genai_config.json", "tokenizer.json"} <= set(entry["files"])
@@ -140,22 +136,30 @@ def test_backend_version_change_rebuilds_its_tasks_and_frozen_mode_refuses(tmp_p
     root = write_project(tmp_path / "p", ["a"], ["onnx", "gguf"], ["int4"], local={"a": a}, store=shared_store)
     assert run_doit(root).code == 0
     before = lock_of(root)
-    installed = OnnxBackend.versions
+    installed = Project.toolchain
 
-    def newer(self):
-        return {**installed(self), "onnxruntime-genai": "99.0"}
+    def newer(self, backend):
+        toolchain = installed(self, backend)
+        if backend.name != "onnx":
+            return toolchain
+        return dataclasses.replace(toolchain, packages={**toolchain.packages, "onnxruntime-genai": "99.0"})
 
-    monkeypatch.setattr(OnnxBackend, "versions", newer)
+    monkeypatch.setattr(Project, "toolchain", newer)
+    info = run_doit(root, "info", "quantize:a-int4-onnx")
+    assert "cache key changed: versions: onnxruntime-genai 0.18.0 -> 99.0" in info.output
     monkeypatch.setenv("PHIBUILD_FROZEN", "1")
     frozen = run_doit(root)
     assert frozen.code != 0
-    assert "a-int4-onnx: artifacts.lock would change (versions: onnxruntime-genai" in frozen.output
-    assert "-> 99.0" in frozen.output
+    assert ("the installed packages differ from those artifacts.lock was built with: onnx: onnxruntime-genai "
+            "99.0 (lock: 0.18.0). Every target of onnx is stale for that reason alone. To install the lock's "
+            "versions: pip install onnxruntime-genai==0.18.0") in frozen.output
+    assert frozen.output.count("installed packages differ") == 1  # said once, not once per target
     assert lock_of(root) == before
 
     monkeypatch.delenv("PHIBUILD_FROZEN")
     run = run_doit(root)
     assert run.code == 0, run.output
+    assert run.output.count("installed packages differ") == 1
     assert run.built == ["a-int4-onnx"]
     after = lock_of(root)
     assert after["a-int4-onnx"]["versions"]["onnxruntime-genai"] == "99.0"

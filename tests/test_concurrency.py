@@ -22,7 +22,7 @@ def test_two_processes_building_one_target_build_it_once(tmp_path):
     assert sum(output.count(f"phibuild: building {TARGET}:") for output in outputs) == 1, outputs
     assert sum(f"{TARGET}: restored from the store" in output for output in outputs) == 1, outputs
     entry = Lockfile(root / "artifacts.lock").get(TARGET)
-    assert [p.name for p in (root / ".phibuild" / "objects").glob("*/*")] == [entry["key"]]
+    assert [p.name for p in (root / ".phibuild" / "objects").glob("*/*")] == [entry.key]
     assert list((root / ".phibuild" / "tmp").iterdir()) == []
 
 
@@ -32,10 +32,10 @@ def test_doit_with_two_workers_locks_every_target(tmp_path):
     workers = doit_process(root, "-n", "2", "quantize")
     output = workers.communicate(timeout=600)[0]
     assert workers.returncode == 0, output
-    lock = Lockfile(root / "artifacts.lock").read()
+    lock = Lockfile(root / "artifacts.lock").read().artifacts
     assert sorted(lock) == sorted(f"{m}-{p}-gguf" for m in ("phi3-tiny", "phi4-mini-tiny")
                                   for p in ("int4", "int8", "fp16"))
-    assert all(entry["smoke"].startswith("ok: ") for entry in lock.values())
+    assert all(entry.smoke.result.startswith("ok: ") for entry in lock.values())
 
 
 def _limit_file_size() -> None:
@@ -75,26 +75,20 @@ def test_an_interrupted_download_from_the_remote_leaves_no_half_entry(tmp_path, 
     one = write_project(tmp_path / "one", ["a"], ["onnx"], ["int4"], local={"a": model}, extra=settings)
     assert run_doit(one).code == 0
 
-    real_pull = Remote._pull
+    real_download = Remote._download
+    calls = []
 
-    def pull_then_cut(self, key, store, expected):
-        real_get = self._fs.get_file
-        calls = []
+    def download_then_cut(self, blob, path, deadline):
+        calls.append(blob)
+        if len(calls) == 2:
+            Path(path).write_bytes(b"half a file")
+            raise ConnectionAbortedError("the connection dropped")
+        return real_download(self, blob, path, deadline)
 
-        def get_file(remote_path, local_path, **kwargs):
-            calls.append(remote_path)
-            if len(calls) == 2:
-                Path(local_path).write_bytes(b"half a file")
-                raise ConnectionAbortedError("the connection dropped")
-            return real_get(remote_path, local_path, **kwargs)
-
-        monkeypatch.setattr(self._fs, "get_file", get_file)
-        return real_pull(self, key, store, expected)
-
-    monkeypatch.setattr(Remote, "_pull", pull_then_cut)
+    monkeypatch.setattr(Remote, "_download", download_then_cut)
     two = write_project(tmp_path / "two", ["a"], ["onnx"], ["int4"], local={"a": model}, extra=settings)
     run = run_doit(two)
-    assert "failed (ConnectionAbortedError: the connection dropped); building locally" in run.output
+    assert "(ConnectionAbortedError: the connection dropped); building locally" in run.output
     assert run.code == 0 and run.built == [TARGET], run.output
     assert list((two / ".phibuild" / "tmp").iterdir()) == []
     assert Lockfile(two / "artifacts.lock").read() == Lockfile(one / "artifacts.lock").read()

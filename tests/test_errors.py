@@ -24,8 +24,9 @@ def assert_nothing_written(root: Path) -> None:
     ("settings", "message"),
     [
         ({"models": ["phi3-tiny", "phi9-giant"]}, "unknown model 'phi9-giant'. Known models: "),
-        ({"precisions": ["int4", "int3"]}, "unknown precision int3; choose from int4, int8, fp16, fp32"),
-        ({"backends": ["onnx", "tensorrt"]}, "unknown backend 'tensorrt'; phibuild has onnx"),
+        ({"precisions": ["int4", "int3"]},
+         "precisions: 'int3' is not a precision (did you mean 'int8'?); choose from int4, int8, fp16, fp32"),
+        ({"backends": ["onnx", "tensorrt"]}, "backends: 'tensorrt' is not a backend; choose from onnx, gguf"),
         ({"extra": "[tool.phibuild.params.onnx.int4]\nblock = 64\n"},
          "backend onnx at int4 has no parameter block; its parameters are accuracy_level, algo_config, block_size"),
         ({"extra": "[tool.phibuild.params.onnx.int4]\nblock_size = 48\n"},
@@ -38,8 +39,8 @@ def assert_nothing_written(root: Path) -> None:
                    "block_size = 48\n", "models": ["mine"]},
          "backend onnx at int4: block_size must be 16, 32, 64, 128 or 256, not 48"),  # checked before any download
         ({"extra": "[tool.phibuild.model.mine]\nrepo = 'me/mine'\npath = 'x'\n"}, "needs exactly one of path or repo"),
-        ({"extra": "colour = 'blue'\n"}, "unknown [tool.phibuild] keys colour"),
-        ({"models": "phi3-tiny"}, "models must be a list of names, like models = [\"a\", \"b\"], not 'phi3-tiny'"),
+        ({"extra": "colour = 'blue'\n"}, "[tool.phibuild] has unknown field colour; known: backends, build"),
+        ({"models": "phi3-tiny"}, "models must be a list of strings, like [\"a\", \"b\"], not 'phi3-tiny'"),
     ],
 )
 def test_bad_settings_are_one_clear_error(tmp_path, settings, message):

@@ -7,12 +7,16 @@ import stat
 import pytest
 
 from phibuild.errors import LockError
+from phibuild.hashing import FileDigest
 from phibuild.lockfile import Lockfile
+from phibuild.records import KeyParts, LockEntry, Smoke, Toolchain
 
 
-def _entry(n: int) -> dict:
-    return {"model": f"m{n}", "key": f"{n:032x}", "params": {"z": 1, "a": True},
-            "files": {"model.onnx": {"size": n, "sha256": "0" * 64, "xxh3_128": "1" * 32}}}
+def _entry(n: int) -> LockEntry:
+    toolchain = Toolchain("onnx", "cpython-3.11", {"onnx": f"1.{n % 2}"})
+    parts = KeyParts(f"{n:032x}", "onnx", toolchain, "int4", {"z": 1, "a": True}, "2.1", {"platform": "linux-x86_64"})
+    return LockEntry(f"m{n}", f"embedded:m{n}", parts, parts.key,
+                     {"model.onnx": FileDigest(n, "1" * 32, "0" * 64)}, Smoke("ok: 8 tokens"))
 
 
 def test_same_entries_give_the_same_text_whatever_the_order(tmp_path):
@@ -22,9 +26,10 @@ def test_same_entries_give_the_same_text_whatever_the_order(tmp_path):
     for n in (3, 1, 2):
         two.put(f"t{n}", _entry(n))
     assert one.path.read_text() == two.path.read_text()
-    assert one.read() == {f"t{n}": _entry(n) for n in (1, 2, 3)}
+    assert one.read().artifacts == {f"t{n}": _entry(n) for n in (1, 2, 3)}
+    assert len(one.read().to_dict()["toolchains"]) == 2  # one table per distinct toolchain, shared by entries
     one.put("t2", None)
-    assert set(one.read()) == {"t1", "t3"}
+    assert set(one.read().artifacts) == {"t1", "t3"}
 
 
 def _writer(path, start: int) -> None:
@@ -40,8 +45,8 @@ def test_concurrent_writers_lose_no_entry(tmp_path):
         worker.start()
     for worker in workers:
         worker.join()
-    assert set(Lockfile(path).read()) == {f"t{n}" for n in [*range(20), *range(100, 120)]}
-    assert not list(tmp_path.glob(".artifacts.lock.*")), "temporary files left behind"
+    assert set(Lockfile(path).read().artifacts) == {f"t{n}" for n in [*range(20), *range(100, 120)]}
+    assert not list(tmp_path.glob(".artifacts.lock*")), "temporary files left behind"
 
 
 def test_merge_conflict_is_reported_with_its_line(tmp_path):
@@ -56,7 +61,7 @@ def test_merge_conflict_is_reported_with_its_line(tmp_path):
 
 def test_broken_toml_is_a_clear_error(tmp_path):
     path = tmp_path / "artifacts.lock"
-    path.write_text('version = 1\n[artifacts."t1"\nmodel = "x"\n')
+    path.write_text('version = 2\n[artifacts."t1"\nmodel = "x"\n')
     with pytest.raises(LockError, match=r"not valid TOML .*line 2"):
         Lockfile(path).read()
 

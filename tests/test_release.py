@@ -26,14 +26,14 @@ def project(tmp_path_factory) -> Path:
 
 def test_verify_passes_on_intact_artifacts_and_names_every_mismatch(project, tmp_path):
     assert run_doit(project, "verify").code == 0
-    lock = Lockfile(project / "artifacts.lock").read()
+    lock = Lockfile(project / "artifacts.lock").read().artifacts
 
     visible = project / "build" / "a-int4-onnx" / "model.onnx.data"  # a copy (see OnnxBackend.unlinkable)
     original = visible.read_bytes()
     os.chmod(visible, 0o644)
     visible.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
     gguf = lock["a-int4-gguf"]
-    stored = project / ".phibuild" / "objects" / gguf["key"][:2] / gguf["key"] / "artifact" / "model.gguf"
+    stored = project / ".phibuild" / "objects" / gguf.key[:2] / gguf.key / "artifact" / "model.gguf"
     stat = stored.stat()
     data = bytearray(stored.read_bytes())
     data[100] ^= 1
@@ -64,14 +64,16 @@ def test_release_bundle_checks_with_sha256sum_and_has_model_cards(project):
     release = project / "release"
     check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=release, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    lock = Lockfile(project / "artifacts.lock").read()
+    lock = Lockfile(project / "artifacts.lock").read().artifacts
     sums = dict(reversed(line.split("  ")) for line in (release / "SHA256SUMS").read_text().splitlines())
     for name, entry in lock.items():
-        for file, want in entry["files"].items():
-            assert sums[f"{name}/{file}"] == want["sha256"]
+        for file, want in entry.files.items():
+            assert sums[f"{name}/{file}"] == want.sha256
+            copy, stored = release / name / file, project / "build" / name / file
+            assert copy.stat().st_ino != stored.stat().st_ino  # a copy: editing it cannot reach the store
         card = (release / name / CARD).read_text()
-        for fact in (entry["source"], entry["backend"], entry["precision"], entry["smoke"], entry["key"],
-                     *(f"{package} {version}" for package, version in entry["versions"].items())):
+        for fact in (entry.source, entry.parts.backend, entry.parts.precision, entry.smoke.result, entry.key,
+                     *(f"{package} {version}" for package, version in entry.parts.toolchain.packages.items())):
             assert fact in card, fact
 
     write_project(project, ["a"], ["onnx", "gguf"], ["int4"], local={"a": project / "models" / "a"},
@@ -89,20 +91,20 @@ def test_gc_lists_then_removes_only_unreferenced_entries(tmp_path):
                   extra='[tool.phibuild.params.gguf.int4]\ntype = "Q4_0"\n')
     assert run_doit(root).code == 0
     new = Lockfile(root / "artifacts.lock").get("a-int4-gguf")
-    assert new["intermediate"] == old["intermediate"]  # both start from the same F16 conversion
+    assert new.intermediate == old.intermediate  # both start from the same F16 conversion
     objects = root / ".phibuild" / "objects"
 
     listed = run_doit(root, "gc")
     assert listed.code == 0
-    assert f"would remove {old['key']} (a-int4-gguf, " in listed.output
+    assert f"would remove {old.key} (a-int4-gguf, " in listed.output
     assert "1 unreferenced entries" in listed.output
-    assert (objects / old["key"][:2] / old["key"]).is_dir()
+    assert (objects / old.key[:2] / old.key).is_dir()
 
     removed = run_doit(root, "gc", "--delete")
-    assert removed.code == 0 and f"removing {old['key']}" in removed.output
-    assert not (objects / old["key"][:2] / old["key"]).exists()
-    assert (objects / new["key"][:2] / new["key"]).is_dir()
-    assert (objects / new["intermediate"][:2] / new["intermediate"]).is_dir()
+    assert removed.code == 0 and f"removing {old.key}" in removed.output
+    assert not (objects / old.key[:2] / old.key).exists()
+    assert (objects / new.key[:2] / new.key).is_dir()
+    assert (objects / new.intermediate.key[:2] / new.intermediate.key).is_dir()
     assert run_doit(root).built == []
 
 
@@ -122,9 +124,9 @@ def test_reproduce_reports_the_files_that_differ(project, monkeypatch):
 
     real = GgufBackend.build
 
-    def drifting(self, source, output, precision, params, intermediate):
-        real(self, source, output, precision, params, intermediate)
-        (output / "build-time.txt").write_text("not part of the locked artifact")
+    def drifting(self, job):
+        real(self, job)
+        (job.output / "build-time.txt").write_text("not part of the locked artifact")
 
     monkeypatch.setattr(GgufBackend, "build", drifting)
     run = run_doit(project, "reproduce:a-int4-gguf")

@@ -6,8 +6,10 @@ S3-compatible server (moto's) on loopback. The CI fan-out runs its slices as sep
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import logging
 import shutil
 import socket
 import threading
@@ -49,16 +51,21 @@ def test_a_key_built_on_one_machine_is_pulled_by_another(tmp_path, model):
     built = run_doit(one)
     assert built.code == 0 and built.built == [TARGET], built.output
     entry = Lockfile(one / "artifacts.lock").get(TARGET)
-    assert (remote / "keys" / entry["key"][:2] / f"{entry['key']}.json").is_file()
-    assert len(blobs(remote)) == len(entry["files"])
+    assert (remote / "keys" / entry.key[:2] / f"{entry.key}.json").is_file()
+    assert len(blobs(remote)) == len(entry.files)
     assert not list(remote.rglob("*.partial-*"))
 
     two = machine(tmp_path / "two", model, str(remote))
     pulled = run_doit(two)
     assert pulled.code == 0 and pulled.built == [], pulled.output
     assert f"{TARGET}: pulled from the remote {remote}" in pulled.output
-    assert Lockfile(two / "artifacts.lock").get(TARGET) == entry
-    for name in entry["files"]:
+    pinned = Lockfile(two / "artifacts.lock").get(TARGET)
+    assert pinned == dataclasses.replace(entry, smoke=dataclasses.replace(entry.smoke, pulled_from=str(remote)))
+    card = run_doit(two, "release")
+    assert card.code == 0, card.output
+    card = (two / "release" / TARGET / "MODEL_CARD.md").read_text()
+    assert f"(checked where it was built; pulled from {remote})" in card
+    for name in entry.files:
         assert (two / "build" / TARGET / name).read_bytes() == (one / "build" / TARGET / name).read_bytes()
     again = run_doit(two)
     assert (again.code, again.built, again.bytes_read) == (0, [], 0), again.output  # pulled files: hashed once
@@ -76,21 +83,23 @@ def test_a_tampered_remote_blob_is_refused_and_the_build_goes_on_locally(tmp_pat
     two = machine(tmp_path / "two", model, str(remote))
     run = run_doit(two)
     assert "does not match the digests in its manifest); building locally" in run.output
+    assert run.output.count("phibuild: warning:") == 1
     assert run.code == 0 and run.built == [TARGET], run.output
     assert Lockfile(two / "artifacts.lock").read() == Lockfile(one / "artifacts.lock").read()
     assert list((two / ".phibuild" / "tmp").iterdir()) == []
 
 
-def test_a_remote_manifest_that_contradicts_the_lock_is_refused(tmp_path, capsys, model):
+def test_a_remote_manifest_that_contradicts_the_lock_is_refused(tmp_path, caplog, model):
     """The lock pins the files of a key; a remote offering other files under that key is not believed."""
     remote = tmp_path / "remote"
     one = machine(tmp_path / "one", model, str(remote))
     assert run_doit(one).code == 0
     entry = Lockfile(one / "artifacts.lock").get(TARGET)
-    forged = dict(entry["files"])
-    forged["genai_config.json"] = {**forged["genai_config.json"], "sha256": "0" * 64}
-    assert Remote(str(remote)).pull(entry["key"], Store(tmp_path / "store"), forged) is None
-    assert "its manifest lists other files than artifacts.lock pins" in capsys.readouterr().err
+    forged = dict(entry.files)
+    forged["genai_config.json"] = dataclasses.replace(forged["genai_config.json"], sha256="0" * 64)
+    with caplog.at_level(logging.WARNING, logger="phibuild"):
+        assert Remote(str(remote)).pull(entry.key, forged, Store(tmp_path / "store")) is None
+    assert "its manifest lists other files than artifacts.lock pins" in caplog.text
 
 
 class _QuietFiles(SimpleHTTPRequestHandler):
@@ -110,7 +119,8 @@ def test_a_remote_served_over_http_is_read_only_but_pulled_from(tmp_path, model)
         pulled = run_doit(two)
         assert pulled.code == 0 and pulled.built == [], pulled.output
         assert f"{TARGET}: pulled from the remote {url}" in pulled.output
-        assert Lockfile(two / "artifacts.lock").read() == Lockfile(one / "artifacts.lock").read()
+        assert Lockfile(two / "artifacts.lock").get(TARGET).smoke.pulled_from == url
+        assert Lockfile(two / "artifacts.lock").get(TARGET).files == Lockfile(one / "artifacts.lock").get(TARGET).files
 
         fp32 = machine(tmp_path / "three", model, url, precisions=("fp32",))
         built = run_doit(fp32)
@@ -150,22 +160,24 @@ def test_an_interrupted_upload_publishes_nothing_and_the_next_push_completes(tmp
     real_put = Remote._put
     calls = []
 
-    def put_then_fail(self, local, target):
+    def put_then_fail(self, local, target, deadline):
         calls.append(target)
         if len(calls) == 3:
             raise ConnectionResetError("connection reset by peer")
-        return real_put(self, local, target)
+        return real_put(self, local, target, deadline)
 
     monkeypatch.setattr(Remote, "_put", put_then_fail)
     run = run_doit(one)
-    assert "failed (ConnectionResetError: connection reset by peer); the local build is kept" in run.output
+    assert "(ConnectionResetError: connection reset by peer); the local build is kept" in run.output
     assert run.code == 0 and run.built == [TARGET], run.output  # the local build is kept
     assert not list((remote / "keys").rglob("*.json")), "a manifest without all its blobs was published"
     assert not list(remote.rglob("*.partial-*"))
 
     monkeypatch.setattr(Remote, "_put", real_put)
     entry = Lockfile(one / "artifacts.lock").get(TARGET)
-    assert Remote(str(remote)).push(Store(one / ".phibuild").get(entry["key"]))
+    pusher = Remote(str(remote))
+    pusher.push(Store(one / ".phibuild").get(entry.key))
+    assert pusher.failure is None
     two = machine(tmp_path / "two", model, str(remote))
     pulled = run_doit(two)
     assert pulled.code == 0 and pulled.built == [], pulled.output
@@ -189,14 +201,14 @@ def test_s3_compatible_server_on_loopback(tmp_path, model, monkeypatch):
         entry = Lockfile(one / "artifacts.lock").get(TARGET)
         listed = boto3.client("s3", endpoint_url=endpoint).list_objects_v2(Bucket="team")["Contents"]
         names = {item["Key"] for item in listed}
-        assert f"phibuild/keys/{entry['key'][:2]}/{entry['key']}.json" in names
-        assert {f"phibuild/blobs/{f['xxh3_128'][:2]}/{f['xxh3_128']}" for f in entry["files"].values()} <= names
+        assert f"phibuild/keys/{entry.key[:2]}/{entry.key}.json" in names
+        assert {f"phibuild/blobs/{f.xxh3_128[:2]}/{f.xxh3_128}" for f in entry.files.values()} <= names
 
         two = machine(tmp_path / "two", model, "s3://team/phibuild", extra=options)
         pulled = run_doit(two)
         assert pulled.code == 0 and pulled.built == [], pulled.output
         assert "pulled from the remote s3://team/phibuild" in pulled.output
-        assert Lockfile(two / "artifacts.lock").get(TARGET) == entry
+        assert Lockfile(two / "artifacts.lock").get(TARGET).files == entry.files
     finally:
         server.stop()
 
@@ -219,8 +231,8 @@ def test_ci_fan_out_builds_slices_in_two_processes_and_assembles_one_lock(tmp_pa
     assert run.code == 0, run.output
     assert "2 entries taken from them: a-fp32-onnx, a-int4-onnx" in run.output
     lock = Lockfile(final / "artifacts.lock").read()
-    assert lock["a-int4-onnx"] == Lockfile(slices["int4"] / "artifacts.lock").get("a-int4-onnx")
-    assert lock["a-fp32-onnx"] == Lockfile(slices["fp32"] / "artifacts.lock").get("a-fp32-onnx")
+    assert lock.artifacts["a-int4-onnx"] == Lockfile(slices["int4"] / "artifacts.lock").get("a-int4-onnx")
+    assert lock.artifacts["a-fp32-onnx"] == Lockfile(slices["fp32"] / "artifacts.lock").get("a-fp32-onnx")
 
     monkeypatch.setenv("PHIBUILD_RESTORE_ONLY", "1")
     restored = run_doit(final)
@@ -233,7 +245,8 @@ def test_restore_only_refuses_to_build(tmp_path, model, monkeypatch):
     monkeypatch.setenv("PHIBUILD_RESTORE_ONLY", "1")
     run = run_doit(root)
     assert run.code != 0 and run.built == []
-    assert "is not in the store or the remote, and PHIBUILD_RESTORE_ONLY is set" in run.output
+    remote = tmp_path / "empty-remote"
+    assert f"is not in the store or the remote {remote}, and PHIBUILD_RESTORE_ONLY is set" in run.output
 
 
 def test_assemble_refuses_slices_whose_artifacts_were_not_pushed(tmp_path, model):
@@ -244,5 +257,5 @@ def test_assemble_refuses_slices_whose_artifacts_were_not_pushed(tmp_path, model
     shutil.copy(job / "artifacts.lock", final / "slices" / "job.lock")
     run = run_doit(final, "assemble")
     assert run.code != 0
-    assert "is not in the store or the remote with the files its lock pins; did that job push" in run.output
+    assert "with the files its lock pins; did that job push" in run.output
     assert not (final / "artifacts.lock").exists()

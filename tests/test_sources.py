@@ -20,6 +20,7 @@ from fakehub import FakeHub
 from huggingface_hub import constants
 from safetensors.numpy import save
 
+from phibuild.build import build
 from phibuild.catalog import ModelSpec
 from phibuild.errors import SourceError
 from phibuild.hashing import StatCache
@@ -122,7 +123,7 @@ def test_a_pinned_commit_is_what_later_builds_download(
     assert first.code == 0, first.output
     assert first.built == [TARGET]
     entry = Lockfile(root / "artifacts.lock").get(TARGET)
-    assert entry["revision"] == pinned
+    assert entry.revision == pinned
 
     moved = hub.push(REPO_ID, {**files, "model.safetensors": retrained(files["model.safetensors"])})
     assert moved != pinned
@@ -132,7 +133,7 @@ def test_a_pinned_commit_is_what_later_builds_download(
     assert hub.log == []  # not even a look at "main": the lock is enough to know the target is fresh
 
     store = Store(root / ".phibuild")
-    store.remove(entry["key"])
+    store.remove(entry.key)
     store.statcache.close()
     shutil.rmtree(root / "build" / TARGET)
     shutil.rmtree(tmp_path / "hf" / "hub")  # so the rebuild really downloads
@@ -170,7 +171,7 @@ def test_corrupted_weights_fail_the_build_and_leave_no_trace(hub: FakeHub, local
     project = Project.load(root)
     try:
         with pytest.raises(SourceError, match=r"model\.safetensors does not match the hub's sha256"):
-            project.build(project.target(TARGET))
+            build(project, project.target(TARGET))
     finally:
         project.store.statcache.close()
     assert hub.downloads("model.safetensors")  # it was downloaded, then refused
@@ -208,7 +209,7 @@ def test_a_changed_revision_setting_is_built_and_pinned(
     run = run_doit(root)
     assert run.code == 0 and run.built == [TARGET], run.output
     entry = Lockfile(root / "artifacts.lock").get(TARGET)
-    assert (entry["revision"], entry["source"]) == (dev, f"hf:{REPO_ID}@dev")
+    assert (entry.revision, entry.source) == (dev, f"hf:{REPO_ID}@dev")
 
 
 def test_a_hub_that_never_answers_times_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -249,6 +250,6 @@ def test_a_newly_pinned_commit_is_built_from_its_own_weights(
         return Lockfile(tmp_path / "project" / "artifacts.lock").get(TARGET)
 
     old, new = pin(first), pin(second)
-    assert (old["revision"], new["revision"]) == (first, second)
-    assert new["source_digest"] != old["source_digest"]
-    assert new["key"] != old["key"]
+    assert (old.revision, new.revision) == (first, second)
+    assert new.parts.source != old.parts.source
+    assert new.key != old.key

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerBase
 
-from phibuild.hf_to_gguf import O200K
+from phibuild.backends.gguf.convert import O200K
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "tools" / "corpus.txt"

@@ -1,9 +1,13 @@
 """The backend interface, and the registry of backends by name.
 
-A backend is one file in this package defining a subclass of :class:`Backend` named ``BACKEND``. It declares
+A backend is one module (or package) here defining a subclass of :class:`Backend` named ``BACKEND``. It
+declares
 
-- ``name`` (used in task names), ``title`` and the pip ``extra`` that installs it;
-- ``packages``: every distribution whose version can change the output bytes (they enter the cache key);
+- ``name`` (used in task names), ``title`` and the pip ``extra`` that installs it; the requirement closure
+  of that extra is its toolchain, whose exact versions enter the cache key (see ``phibuild.environment``);
+- ``optional_imports``: distributions its toolchain imports when they happen to be installed (transformers
+  and torch look for many); the installed ones enter the key too. A build that imports anything else
+  fails, naming it, so a new one cannot be missed silently;
 - ``precisions``: for each of int4/int8/fp16/fp32 the default parameters, all of which enter the key
   and can be overridden in ``[tool.phibuild.params.<backend>]`` / ``[...<backend>.<precision>]``;
 - ``architectures``: the Hugging Face architectures it can build;
@@ -12,34 +16,43 @@ A backend is one file in this package defining a subclass of :class:`Backend` na
 
 and implements ``check_params`` (what is wrong with parameter values: a settings error), optionally
 ``refuse_architecture`` (why an architecture it builds cannot be built with these parameters: the target
-is left out), ``build`` (source directory to output directory) and ``smoke`` (load the output with the backend's own
+is left out) and ``machine`` (what of the machine its bytes depend on, for the key), ``build`` (a
+:class:`Job`: source directory to output directory) and ``smoke`` (load the output with the backend's own
 runtime and generate a few tokens). Heavy imports happen inside ``build`` and ``smoke`` only, so listing
 tasks stays fast.
 
 A backend whose precisions share a first step (GGUF: one F16 conversion, quantized several ways) returns
 that step's parameters from ``intermediate`` and implements ``build_intermediate``; phibuild caches the
-step in the store under its own key and hands its directory to ``build``.
+step in the store under its own key and hands its directory to ``build`` as ``job.intermediate``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
-import importlib.metadata
 import io
+import logging
+import platform
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..errors import BuildError, ConfigError
+from ..environment import Environment
+from ..errors import BuildError, ConfigError, file_system_error
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
 # Phi's chat format; the smoke checks of every backend generate from this prompt.
 SMOKE_MESSAGES = [{"role": "user", "content": "What does os.path.join do?"}]
 SMOKE_TOKENS = 8
+
+# What transformers and torch import when they find it installed (measured by building every embedded model
+# in a fresh process with everything phibuild offers installed; see tests/test_toolchain.py).
+TRANSFORMERS_OPTIONAL = ("torch", "torchvision", "pillow", "sentencepiece", "scikit-learn", "narwhals", "pydot",
+                         "psutil", "cloudpickle", "charset-normalizer", "jmespath")
 
 MODULES = {
     "onnx": "phibuild.backends.onnx",
@@ -47,6 +60,18 @@ MODULES = {
     "openvino": "phibuild.backends.openvino",
     "mlx": "phibuild.backends.mlx",
 }
+
+
+@dataclass(frozen=True)
+class Job:
+    """One build step as a backend sees it: read ``source``, write into the empty directory ``output``."""
+
+    source: Path
+    output: Path
+    precision: str
+    params: dict[str, Any]
+    intermediate: Path | None = None  # the shared first step's output, when the backend has one
+    trust_remote_code: bool = False  # the model's own opt-in to running code from its directory
 
 
 @dataclass(frozen=True)
@@ -70,47 +95,49 @@ class Smoke:
 
 @contextlib.contextmanager
 def console_kept(failure: str) -> Iterator[None]:
-    """Run a toolchain step with what it prints kept back, and shown (on stderr) only if it fails, as a
-    BuildError starting with ``failure``."""
-    log = io.StringIO()
+    """Run a toolchain step with what it prints kept back, and shown (logged) only if it fails, as a
+    BuildError starting with ``failure``; an operating system error keeps its own one-line message."""
+    captured = io.StringIO()
     try:
-        with contextlib.redirect_stdout(log):
+        with contextlib.redirect_stdout(captured):
             yield
     except Exception as exc:
-        sys.stderr.write(log.getvalue())
+        if captured.getvalue().strip():
+            log.error("%s", captured.getvalue().rstrip())
+        cause = next((e for e in _chain(exc) if isinstance(e, OSError)), None)
+        if cause is not None:
+            raise file_system_error(cause, failure) from exc
         raise BuildError(f"{failure}: {type(exc).__name__}: {exc}") from exc
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def platform_tag() -> str:
+    """The operating system and processor architecture, as in ``linux-x86_64``."""
+    return f"{sys.platform}-{platform.machine().lower()}"
 
 
 class Backend:
     name: ClassVar[str]
     title: ClassVar[str]
     extra: ClassVar[str]
-    packages: ClassVar[tuple[str, ...]]
     architectures: ClassVar[frozenset[str]]
     precisions: ClassVar[dict[str, dict[str, Any]]]
     recipe: ClassVar[int] = 1  # bump when phibuild's use of this backend changes the output
     unlinkable: ClassVar[tuple[str, ...]] = ()  # output globs shown as copies, never hardlinks of the store
     unsupported: ClassVar[dict[str, str]] = {}  # Phi architectures it cannot build, and why
+    optional_imports: ClassVar[tuple[str, ...]] = ()  # imported when installed; in the key when installed
 
-    def versions(self) -> dict[str, str]:
-        """Installed versions of ``packages``; raises ConfigError naming the extra when one is missing."""
-        versions = {}
-        for package in self.packages:
-            try:
-                versions[package] = installed_version(package)
-            except importlib.metadata.PackageNotFoundError:
-                raise ConfigError(
-                    f"backend {self.name} ({self.title}) needs {package}, which is not installed: "
-                    f"pip install 'phibuild[{self.extra}]'"
-                ) from None
-        return versions
-
-    def installed(self) -> bool:
-        try:
-            self.versions()
-        except ConfigError:
-            return False
-        return True
+    def machine(self, environment: Environment, params: dict[str, Any]) -> dict[str, str]:
+        """What of this machine and its installed software the bytes made with ``params`` depend on, beyond
+        package versions: it enters the key, so that another machine gets another key instead of other bytes
+        under the same one. Every backend's bytes are verified only within one operating system and processor
+        architecture, so that is the least it says."""
+        return {"platform": platform_tag()}
 
     def params(self, precision: str, overrides: dict[str, Any]) -> dict[str, Any]:
         """Defaults for ``precision`` with ``overrides`` applied; unknown names are an error."""
@@ -130,6 +157,10 @@ class Backend:
         if problem:
             raise ConfigError(f"backend {self.name} at {precision}: {problem}")
         return params
+
+    def parameter_names(self) -> set[str]:
+        """Every parameter name of any precision (a backend-wide setting must be one of them)."""
+        return {name for defaults in self.precisions.values() for name in defaults}
 
     def check_params(self, precision: str, params: dict[str, Any]) -> str | None:
         """What is wrong with these parameter values, whatever the model, or None."""
@@ -151,22 +182,15 @@ class Backend:
         """Parameters of the shared step this build starts from, or None when it starts from the source."""
         return None
 
-    def build_intermediate(self, source: Path, output: Path, params: dict[str, Any]) -> None:
+    def build_intermediate(self, job: Job) -> None:
         raise NotImplementedError
 
-    def build(self, source: Path, output: Path, precision: str, params: dict[str, Any],
-              intermediate: Path | None) -> None:
-        """Write the artifact into the empty directory ``output``; ``intermediate`` as ``intermediate`` asked."""
+    def build(self, job: Job) -> None:
+        """Write the artifact into the empty directory ``job.output``."""
         raise NotImplementedError
 
-    def smoke(self, artifact: Path, params: dict[str, Any]) -> Smoke:
+    def smoke(self, artifact: Path, job: Job) -> Smoke:
         raise NotImplementedError
-
-
-@functools.cache
-def installed_version(package: str) -> str:
-    """A distribution's version, read once per process (reading package metadata costs a millisecond)."""
-    return importlib.metadata.version(package)
 
 
 def get(name: str) -> Backend:

@@ -26,6 +26,7 @@ models in 16 bits cannot run (float32-only gather_mm), so their smoke check says
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 import json
 import shutil
@@ -34,7 +35,7 @@ from typing import Any, ClassVar
 
 from .. import sources
 from ..errors import BuildError
-from . import SMOKE_MESSAGES, SMOKE_TOKENS, Backend, Smoke, console_kept, installed_version
+from . import SMOKE_MESSAGES, SMOKE_TOKENS, TRANSFORMERS_OPTIONAL, Backend, Job, Smoke, console_kept
 
 # The mlx-lm model module each architecture needs (mlx_lm/models/<type>.py).
 MODEL_TYPES = {
@@ -56,25 +57,23 @@ FLOAT_MODES = {"mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}
 RECIPES = {"mixed_2_6": (2, 6), "mixed_3_4": (3, 4), "mixed_3_6": (3, 6), "mixed_4_6": (4, 6)}
 DTYPES = {"int4": ("auto", "float16", "bfloat16", "float32"), "int8": ("auto", "float16", "bfloat16", "float32"),
           "fp16": ("float16", "bfloat16"), "fp32": ("float32",)}
-QUANTIZED = {"group_size": 64, "mode": "affine", "recipe": "none", "dtype": "auto", "trust_remote_code": False}
+QUANTIZED = {"group_size": 64, "mode": "affine", "recipe": "none", "dtype": "auto"}
 
 
 class MlxBackend(Backend):
     name = "mlx"
     title = "MLX (mlx-lm)"
     extra = "mlx"
-    packages = ("mlx", "mlx-lm", "transformers", "tokenizers")
+    optional_imports = TRANSFORMERS_OPTIONAL
     architectures = frozenset(MODEL_TYPES)
     precisions: ClassVar[dict[str, dict[str, Any]]] = {
         "int4": {"bits": 4, **QUANTIZED},
         "int8": {"bits": 8, **QUANTIZED},
-        "fp16": {"dtype": "float16", "trust_remote_code": False},
-        "fp32": {"dtype": "float32", "trust_remote_code": False},
+        "fp16": {"dtype": "float16"},
+        "fp32": {"dtype": "float32"},
     }
 
     def check_params(self, precision: str, params: dict[str, Any]) -> str | None:
-        if not isinstance(params["trust_remote_code"], bool):
-            return f"trust_remote_code must be true or false, not {params['trust_remote_code']!r}"
         if params["dtype"] not in DTYPES[precision]:
             return f"dtype at {precision} must be one of {', '.join(DTYPES[precision])}, not {params['dtype']!r}"
         if "bits" in params:
@@ -89,18 +88,18 @@ class MlxBackend(Backend):
             from packaging.version import Version  # here: listing tasks need not import it
 
             fixed, why = BROKEN_BEFORE[model_type]
-            installed = installed_version("mlx-lm")
+            installed = importlib.metadata.version("mlx-lm")
             if Version(installed) < Version(fixed):
                 return f"mlx-lm {installed} converts {architecture} but cannot run it: {why}; mlx-lm {fixed} fixes it"
         return None
 
-    def build(self, source: Path, output: Path, precision: str, params: dict[str, Any],
-              intermediate: Path | None) -> None:
+    def build(self, job: Job) -> None:
         from mlx_lm import convert
 
+        source, output, params = job.source, job.output, job.params
         staged, converted = output.parent / "mlx-source", output.parent / "mlx-output"
-        _stage(source, staged)
-        options = dict(dtype=_dtype(source, params["dtype"]), trust_remote_code=params["trust_remote_code"])
+        _stage(source, staged, job.trust_remote_code)
+        options = dict(dtype=_dtype(source, params["dtype"]), trust_remote_code=job.trust_remote_code)
         if "bits" in params:
             recipe = params["recipe"]
             options.update(quantize=True, q_bits=params["bits"], q_group_size=params["group_size"],
@@ -119,12 +118,12 @@ class MlxBackend(Backend):
         if not (output / "config.json").is_file() or not list(output.glob("model*.safetensors")):
             raise BuildError(f"mlx_lm.convert wrote no config.json or model*.safetensors in {output}")
 
-    def smoke(self, artifact: Path, params: dict[str, Any]) -> Smoke:
+    def smoke(self, artifact: Path, job: Job) -> Smoke:
         import mlx.core as mx
         from mlx_lm import load
         from mlx_lm.generate import generate_step
 
-        model, tokenizer = load(str(artifact), tokenizer_config={"trust_remote_code": params["trust_remote_code"]})
+        model, tokenizer = load(str(artifact), tokenizer_config={"trust_remote_code": job.trust_remote_code})
         reason = _cpu_cannot_run(model)
         if reason:
             return Smoke(False, reason)
@@ -203,12 +202,13 @@ def _dtype(source: Path, dtype: str) -> str | None:
     return found if found in ("float16", "bfloat16", "float32") else None
 
 
-def _stage(source: Path, staged: Path) -> None:
-    """Link the checkpoint files phibuild hashed into ``staged``, so mlx-lm reads nothing else.
+def _stage(source: Path, staged: Path, trust_remote_code: bool) -> None:
+    """Link the checkpoint files phibuild hashed into ``staged``, so mlx-lm reads nothing else (no ``*.py``
+    unless the model opted in to running its code).
 
     config.json is written instead, with the RoPE settings where mlx-lm reads them (``_legacy_rope``).
     """
-    for path in sources.source_files(source):
+    for path in sources.source_files(source, trust_remote_code):
         link = staged / path.relative_to(source)
         link.parent.mkdir(parents=True, exist_ok=True)
         if link.name == "config.json" and link.parent == staged:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BuildError
-from . import SMOKE_MESSAGES, SMOKE_TOKENS, Backend, Smoke, console_kept
+from . import SMOKE_MESSAGES, SMOKE_TOKENS, TRANSFORMERS_OPTIONAL, Backend, Job, Smoke, console_kept
 
 # Which execution providers the builder accepts for each precision (shared/phi-family.md).
 PROVIDERS = {
@@ -33,7 +33,7 @@ class OnnxBackend(Backend):
     name = "onnx"
     title = "ONNX Runtime GenAI"
     extra = "onnx"
-    packages = ("onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir", "torch", "transformers", "numpy")
+    optional_imports = TRANSFORMERS_OPTIONAL
     architectures = frozenset({"Phi3ForCausalLM", "Phi3SmallForCausalLM", "PhiMoEForCausalLM"})
     # onnx.load refuses external data that is a hardlink or symlink (its guard against path tricks).
     unlinkable = ("*.onnx.data",)
@@ -66,28 +66,28 @@ class OnnxBackend(Backend):
             return f"{self.title} builds PhiMoE only as int4 for CUDA (its MoE operator is CUDA-only)"
         return None
 
-    def build(self, source: Path, output: Path, precision: str, params: dict[str, Any],
-              intermediate: Path | None) -> None:
+    def build(self, job: Job) -> None:
         from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
         # The quantizer configures the root logger at INFO on import: one line per tensor. Keep warnings.
         logging.getLogger("onnxruntime").setLevel(logging.WARNING)
-        params = dict(params)
+        params = dict(job.params)
         provider = params.pop("execution_provider")
+        # hf_remote is the builder's trust_remote_code: off unless the model opted in.
         options = [f"{key}={_option(value)}" for key, value in sorted(params.items())]
-        cache = output.parent / "builder-cache"
+        options.append(f"hf_remote={_option(job.trust_remote_code)}")
+        source, output, cache = str(job.source), str(job.output), job.output.parent / "builder-cache"
         try:
             with console_kept(f"{self.title} model builder failed"):
-                extra = parse_extra_options(str(source), str(source), str(output), precision, provider,
-                                            str(cache), options)
-                create_model(str(source), str(source), str(output), precision, provider, str(cache), **extra)
+                extra = parse_extra_options(source, source, output, job.precision, provider, str(cache), options)
+                create_model(source, source, output, job.precision, provider, str(cache), **extra)
         finally:
             shutil.rmtree(cache, ignore_errors=True)
-        if not (output / "genai_config.json").is_file():
-            raise BuildError(f"{self.title} model builder wrote no genai_config.json in {output}")
+        if not (job.output / "genai_config.json").is_file():
+            raise BuildError(f"{self.title} model builder wrote no genai_config.json in {job.output}")
 
-    def smoke(self, artifact: Path, params: dict[str, Any]) -> Smoke:
-        provider = params["execution_provider"]
+    def smoke(self, artifact: Path, job: Job) -> Smoke:
+        provider = job.params["execution_provider"]
         if provider != "cpu":
             return Smoke(False, f"built for the {provider} execution provider; this check runs on the CPU only")
         import onnxruntime_genai as og

@@ -34,8 +34,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BuildError
-from . import SMOKE_MESSAGES, SMOKE_TOKENS, Backend, Smoke
+from ..errors import BuildError, file_system_error
+from . import SMOKE_MESSAGES, SMOKE_TOKENS, TRANSFORMERS_OPTIONAL, Backend, Job, Smoke
 
 if TYPE_CHECKING:
     from optimum.intel import OVWeightQuantizationConfig
@@ -54,9 +54,7 @@ class OpenvinoBackend(Backend):
     name = "openvino"
     title = "OpenVINO"
     extra = "openvino"
-    # openvino-genai runs the smoke check only; it is released in lockstep with openvino.
-    packages = ("openvino", "openvino-tokenizers", "openvino-genai", "nncf", "optimum-intel", "optimum",
-                "transformers", "tokenizers", "sentencepiece", "torch", "numpy")
+    optional_imports = (*TRANSFORMERS_OPTIONAL, "onnx", "ml-dtypes")
     # Phi-3.5-MoE's hub config says PhiMoE (its remote code); transformers writes Phimoe for the same model.
     architectures = frozenset({"Phi3ForCausalLM", "PhiMoEForCausalLM", "PhimoeForCausalLM"})
     # int4 defaults are the Phi Cookbook's OpenVINO recipe (optimum-cli --weight-format int4 --sym
@@ -90,17 +88,20 @@ class OpenvinoBackend(Backend):
                         f"not {params['backup_precision']!r}")
         return None
 
-    def build(self, source: Path, output: Path, precision: str, params: dict[str, Any],
-              intermediate: Path | None) -> None:
+    def build(self, job: Job) -> None:
         from optimum.exporters.openvino import main_export
         from optimum.intel import OVConfig
 
-        weights = _weight_config(precision, params)
-        ov_config = OVConfig(quantization_config=weights) if weights else OVConfig(dtype=precision)
+        source, output = job.source, job.output
+        weights = _weight_config(job.precision, job.params)
+        ov_config = OVConfig(quantization_config=weights) if weights else OVConfig(dtype=job.precision)
         try:
             with _quiet():
                 main_export(str(source), output, task=TASK, ov_config=ov_config, convert_tokenizer=True,
-                            library_name="transformers", local_files_only=True)
+                            library_name="transformers", local_files_only=True,
+                            trust_remote_code=job.trust_remote_code)
+        except OSError as exc:
+            raise file_system_error(exc, f"{self.title} export of {source}") from exc
         except Exception as exc:
             raise BuildError(f"{self.title} export of {source} failed: {type(exc).__name__}: {exc}") from exc
         missing = [f"{stem}{suffix}" for stem in IRS for suffix in (".xml", ".bin")
@@ -110,11 +111,13 @@ class OpenvinoBackend(Backend):
                              "(the tokenizer conversion needs openvino-tokenizers and a tokenizer.json)")
         try:
             _rewrite(output, weights, output.parent / "rewrite")
+        except OSError as exc:
+            raise file_system_error(exc, f"{self.title}: writing the IR") from exc
         except Exception as exc:
             what = "NNCF weight compression" if weights else "rewriting the IR"
             raise BuildError(f"{self.title}: {what} failed: {type(exc).__name__}: {exc}") from exc
 
-    def smoke(self, artifact: Path, params: dict[str, Any]) -> Smoke:
+    def smoke(self, artifact: Path, job: Job) -> Smoke:
         """Generate with openvino_genai.LLMPipeline, the runtime an OpenVINO IR LLM is deployed with.
 
         It reads the exported tokenizer/detokenizer IR and the chat template they carry, so the check

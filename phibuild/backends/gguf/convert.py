@@ -24,9 +24,9 @@ from typing import Any, BinaryIO
 import gguf
 import numpy as np
 
-from . import sources
-from .backends.gguf import ARCHITECTURES, BASES, file_type
-from .errors import BuildError
+from ... import sources
+from ...errors import BuildError
+from .types import ARCHITECTURES, BASES, file_type
 
 Q = gguf.GGMLQuantizationType
 MODEL_ARCH = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}  # "phi3" -> MODEL_ARCH.PHI3

@@ -1,4 +1,4 @@
-"""llama.cpp GGUF: our converter (``phibuild.hf_to_gguf``) writes one F16 (or F32, BF16) GGUF per model,
+"""llama.cpp GGUF: our converter (``convert.py`` here) writes one F16 (or F32, BF16) GGUF per model,
 shared by every precision; llama.cpp's quantizer, through llama-cpp-python, makes the quantized ones.
 
 A precision's ``type`` is the llama.cpp file type it ends as, ``base`` the converter output it starts
@@ -13,31 +13,23 @@ import contextlib
 import ctypes
 import logging
 import os
+import resource
+import shutil
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..errors import BuildError
-from ..store import link_file
-from . import SMOKE_MESSAGES, SMOKE_TOKENS, Backend, Smoke
-
-MODEL = "model.gguf"
-BASES = ("f16", "f32", "bf16", "q8_0")  # what our converter writes
-# Hugging Face architectures our converter handles -> llama.cpp's architecture.
-ARCHITECTURES = {
-    "Phi3ForCausalLM": "phi3",
-    "PhiMoEForCausalLM": "phimoe",
-    "PhimoeForCausalLM": "phimoe",  # as transformers 5 writes it
-}
-# llama.cpp file types that quantize without an importance matrix (the IQ1/IQ2/IQ3 ones need one).
-TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1",
-         "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "IQ4_NL", "IQ4_XS")
+from ...environment import Environment
+from ...errors import BuildError
+from ...store import link_file
+from .. import SMOKE_MESSAGES, SMOKE_TOKENS, Backend, Job, Smoke
+from .fingerprint import quantizer
+from .types import ARCHITECTURES, BASES, MODEL, TYPES, file_type
 
 
 class GgufBackend(Backend):
     name = "gguf"
     title = "llama.cpp GGUF"
     extra = "gguf"
-    packages = ("llama-cpp-python", "gguf", "numpy", "sentencepiece")
     architectures = frozenset(ARCHITECTURES)
     precisions: ClassVar[dict[str, dict[str, Any]]] = {
         "int4": {"type": "Q4_K_M", "base": "f16"},
@@ -59,23 +51,30 @@ class GgufBackend(Backend):
             return f"base q8_0 is already quantized; it builds only type Q8_0, not {kind}"
         return None
 
+    def machine(self, environment: Environment, params: dict[str, Any]) -> dict[str, str]:
+        """llama.cpp's quantizer rounds as libggml-base was compiled (see fingerprint.py); a conversion alone,
+        or a precision that is the conversion itself, does not run it."""
+        machine = super().machine(environment, params)
+        if params.get("type", "").lower() not in ("", params.get("base")):
+            machine["quantizer"] = quantizer(environment)
+        return machine
+
     def intermediate(self, precision: str, params: dict[str, Any]) -> dict[str, Any]:
         return {"outtype": params["base"]}
 
-    def build_intermediate(self, source: Path, output: Path, params: dict[str, Any]) -> None:
-        from ..hf_to_gguf import convert
+    def build_intermediate(self, job: Job) -> None:
+        from .convert import convert
 
-        convert(source, output / MODEL, params["outtype"])
+        convert(job.source, job.output / MODEL, job.params["outtype"])
 
-    def build(self, source: Path, output: Path, precision: str, params: dict[str, Any],
-              intermediate: Path | None) -> None:
-        converted = intermediate / MODEL
+    def build(self, job: Job) -> None:
+        converted, params = job.intermediate / MODEL, job.params
         if params["type"].lower() == params["base"]:
-            link_file(converted, output / MODEL)  # the shared conversion is the artifact
+            link_file(converted, job.output / MODEL)  # the shared conversion is the artifact
         else:
-            quantize(converted, output / MODEL, params["type"], os.cpu_count() or 1)
+            quantize(converted, job.output / MODEL, params["type"], os.cpu_count() or 1)
 
-    def smoke(self, artifact: Path, params: dict[str, Any]) -> Smoke:
+    def smoke(self, artifact: Path, job: Job) -> Smoke:
         """Greedy tokens from the Phi chat prompt, laid out by the GGUF's own chat template."""
         import llama_cpp
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -114,14 +113,22 @@ def quantize(source: Path, output: Path, kind: str, threads: int) -> None:
     finally:
         logger.setLevel(level)
     if code != 0 or not output.is_file():
-        raise BuildError(f"llama.cpp could not quantize {source} to {kind} (llama_model_quantize returned {code})")
+        raise BuildError(f"llama.cpp could not quantize {source} to {kind} (llama_model_quantize returned {code})"
+                         + _why_not_written(output, source.stat().st_size))
 
 
-def file_type(kind: str) -> int:
-    """llama.cpp's file type number for a type name such as Q4_K_M or F16."""
-    import gguf
-
-    return gguf.LlamaFileType["ALL_F32" if kind == "F32" else f"MOSTLY_{kind}"]
+def _why_not_written(output: Path, needed: int) -> str:
+    """What stops a file of up to ``needed`` bytes from being written at ``output``, if anything does: llama.cpp
+    reports only that it failed."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and limit < needed:
+        return (f": this process may not write files larger than {limit} bytes (ulimit -f), and the quantized "
+                f"model may take up to {needed}")
+    free = shutil.disk_usage(output.parent).free
+    if free < needed:
+        return (f": {output.parent} has {free / 2**20:.0f} MiB free, and the quantized model may take up to "
+                f"{needed / 2**20:.0f} MiB; free space there (`doit gc --delete` removes unused store entries)")
+    return ""
 
 
 def _text(llm, token: int) -> str:

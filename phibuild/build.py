@@ -1,0 +1,268 @@
+"""Making a target fresh, top to bottom::
+
+    plan    the target's cache key (project.plan)
+    obtain  the store's entry for the key, or the remote's, or a new build, pushed to the remote; each
+            checked against the files artifacts.lock pins for the key (a build too: under an unchanged key,
+            other bytes are an error, not a new pin)
+            make: fetch the source, obtain the backend's intermediate the same way, run the backend, keep
+            the model's own code out, smoke-check the artifact in its runtime
+    show    the entry under build/<target>
+    lock    its entry in artifacts.lock
+
+``rebuild`` runs the same making step into a scratch directory, bypassing every cache (``doit reproduce``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from . import sources
+from .backends import Job
+from .environment import imports_outside
+from .errors import BuildError, LockError, UnsupportedError
+from .hashing import FileDigest, digest_files
+from .project import Plan, Project, Target, frozen, repin, restore_only
+from .records import INTERMEDIATE, KeyParts, LockEntry, Manifest, Pin, Smoke, differing_files
+from .store import Entry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Made:
+    """What making an entry adds to its manifest besides its files."""
+
+    smoke: Smoke | None = None
+    intermediate: Pin | None = None
+
+
+def build(project: Project, target: Target) -> str:
+    """Make ``target`` fresh; returns what was done, for the task's output."""
+    plan = project.plan(target)
+    locked = project.lock.get(target.name)
+    if frozen():
+        _check_frozen(target, locked, plan)
+    pinned = locked.pinned(plan.key) if locked else None
+    entry, how = obtain(project, plan.parts, target.name, pinned, lambda output: make(project, plan, locked, output))
+    pin = lock_entry(project, plan, entry, locked)
+    if frozen() and pin != locked:
+        changed = [name for name, (old, new) in _fields(locked, pin).items() if old != new]
+        raise LockError(f"{target.name}: artifacts.lock would change ({', '.join(changed)}) and PHIBUILD_FROZEN "
+                        "is set, so it is left as it is; build without it and commit the lock")
+    visible = project.visible(target.name)
+    methods = project.store.show(entry, visible, target.backend.unlinkable)
+    if pin != locked:
+        project.lock.put(target.name, pin)
+    return f"{how}; shown at {project.shown(visible)} ({_placed(methods)})"
+
+
+def obtain(project: Project, parts: KeyParts, label: str, pinned: dict[str, FileDigest] | None,
+           make: Callable[[Path], Made]) -> tuple[Entry, str]:
+    """The store entry for ``parts`` and how it came: from the store, else the remote, else made now (and
+    pushed). ``pinned``: the files artifacts.lock expects under this key, if it pins it. One process at a
+    time per key: a second one waits, then finds it."""
+    key = parts.key
+    with project.store.locked(key):
+        entry = project.store.find(key, pinned)
+        if entry is not None:
+            return entry, "restored from the store"
+        entry = project.remote.pull(key, pinned, project.store)
+        if entry is not None:
+            return entry, f"pulled from the remote {project.remote.url}"
+        if restore_only():
+            failed = f" (the remote failed: {project.remote.failure})" if project.remote.failure else ""
+            raise BuildError(f"{label}: key {key} is not in {project.remote.caches}{failed}, and "
+                             "PHIBUILD_RESTORE_ONLY is set")
+        entry = seal(project, parts, label, pinned, make)
+        project.remote.push(entry)
+        return entry, "built"
+
+
+def seal(project: Project, parts: KeyParts, label: str, pinned: dict[str, FileDigest] | None,
+         make: Callable[[Path], Made]) -> Entry:
+    """Run ``make(output)`` in a fresh build directory, check what it wrote, and publish it under its key.
+    Anything that fails leaves nothing in the store."""
+    with project.store.building() as build_dir:
+        output = build_dir / "artifact"
+        output.mkdir()
+        made = make(output)
+        files = digest_files(output)
+        if not files:
+            raise BuildError(f"{label}: the build wrote no files")
+        if pinned is not None and files != pinned:
+            _differ_from_lock(label, parts.key, pinned, files)
+        manifest = Manifest(parts.key, label, parts, files, made.smoke, made.intermediate)
+        return project.store.publish(build_dir, manifest)
+
+
+def make(project: Project, plan: Plan, locked: LockEntry | None, output: Path) -> Made:
+    """Build the artifact of ``plan`` into ``output`` and smoke-check it."""
+    plan = project.fetched(plan)
+    target, source = plan.target, plan.source
+    _check_source(target, source.directory)
+    intermediate = obtain_intermediate(project, plan, locked)
+    log.info("building %s: %s %s (key %s)", target.name, target.backend.title, target.precision, plan.key[:12])
+    job = _job(plan, output, intermediate.artifact if intermediate else None)
+    before = set(sys.modules)
+    produce(target, job)
+    smoke = target.backend.smoke(output, job).summary()
+    log.info("smoke check of %s: %s", target.name, smoke)
+    _check_imports(before, plan, target.name)
+    _check_unchanged(project, plan, target.name)
+    return Made(Smoke(smoke), Pin(intermediate.key, intermediate.files) if intermediate else None)
+
+
+def obtain_intermediate(project: Project, plan: Plan, locked: LockEntry | None) -> Entry | None:
+    """The backend's shared first step for this target (GGUF: the conversion), obtained like an artifact."""
+    target, backend = plan.target, plan.target.backend
+    params = backend.intermediate(target.precision, target.params)
+    if params is None:
+        return None
+    parts = replace(plan.parts, backend=f"{backend.name}-intermediate", precision=INTERMEDIATE, params=params,
+                    machine=backend.machine(project.environment, params))
+    label = f"{target.model.name}-{backend.name}-{'-'.join(str(value) for value in params.values())}"
+    pinned = locked.intermediate_files(parts.key) if locked else None
+
+    def make_intermediate(output: Path) -> Made:
+        log.info("building %s: %s intermediate %s (key %s)", label, backend.title, params, parts.key[:12])
+        job = replace(_job(plan, output), params=params)
+        before = set(sys.modules)
+        backend.build_intermediate(job)
+        _check_imports(before, plan, label)
+        _check_unchanged(project, plan, label)
+        return Made()
+
+    entry, _ = obtain(project, parts, label, pinned, make_intermediate)
+    return entry
+
+
+def produce(target: Target, job: Job) -> None:
+    """Run the backend, then keep the model's own code out of the artifact unless the model opted in."""
+    target.backend.build(job)
+    if not job.trust_remote_code:
+        _drop_remote_code(job.output)
+
+
+def rebuild(project: Project, target: Target) -> dict[str, FileDigest]:
+    """Build ``target`` again from its source into a scratch directory, bypassing the store, the remote and
+    cached intermediates, and return its files' digests. Nothing is published, locked or shown."""
+    plan = project.fetched(project.plan(target))
+    _check_source(target, plan.source.directory)
+    project.store.tmp.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="rebuild-", dir=project.store.tmp) as scratch:
+        intermediate = None
+        params = target.backend.intermediate(target.precision, target.params)
+        if params is not None:
+            intermediate = Path(scratch) / "intermediate"
+            intermediate.mkdir()
+            target.backend.build_intermediate(replace(_job(plan, intermediate), params=params))
+        output = Path(scratch) / "artifact"
+        output.mkdir()
+        log.info("rebuilding %s from scratch", target.name)
+        produce(target, _job(plan, output, intermediate))
+        return digest_files(output)
+
+
+def lock_entry(project: Project, plan: Plan, entry: Entry, locked: LockEntry | None) -> LockEntry:
+    """The lock entry for ``entry``. Where the lock already pins these files under this key, its record of
+    the smoke check stands: the artifact is the one that was checked."""
+    target = plan.target
+    smoke = entry.manifest.smoke
+    if locked is not None and locked.key == entry.key and locked.files == entry.files:
+        smoke = locked.smoke
+    return LockEntry(target.model.name, project.origin(target.model), plan.parts, entry.key, entry.files, smoke,
+                     plan.revision, entry.manifest.intermediate)
+
+
+def _job(plan: Plan, output: Path, intermediate: Path | None = None) -> Job:
+    target = plan.target
+    return Job(plan.source.directory, output, target.precision, dict(target.params), intermediate,
+               target.model.trust_remote_code)
+
+
+def _check_source(target: Target, directory: Path) -> None:
+    reason = target.backend.refuse(sources.architecture(directory), target.precision, target.params)
+    if reason:
+        raise UnsupportedError(f"{target.name}: {reason}")
+    sources.check_checkpoint(directory)
+
+
+def _check_unchanged(project: Project, plan: Plan, label: str) -> None:
+    source = plan.source
+    now = sources.digest_directory(source.directory, project.store.statcache, plan.target.model.trust_remote_code)
+    if now != source.files:
+        raise BuildError(f"{label}: the source files changed during the build; build again")
+
+
+def _check_imports(before: set[str], plan: Plan, label: str) -> None:
+    """Fail a build that imported a distribution its key does not cover: its bytes may depend on it."""
+    outside = imports_outside(before, plan.parts.toolchain)
+    if outside:
+        found = ", ".join(f"{name} {version}" for name, version in sorted(outside.items()))
+        backend = plan.target.backend.name
+        raise BuildError(f"{label}: the build imported {found}, which its cache key does not cover (nothing "
+                         f"phibuild[{plan.target.backend.extra}] requires pulls it in). Add it to the key with "
+                         f"[tool.phibuild.key_packages] {backend} = [{', '.join(repr(n) for n in outside)}], "
+                         "or uninstall it")
+
+
+def _differ_from_lock(label: str, key: str, pinned: dict[str, FileDigest], files: dict[str, FileDigest]) -> None:
+    """Bytes other than the lock's under the same key: refused unless PHIBUILD_REPIN says to accept them."""
+    changes = [f"{name} {_sha(pinned.get(name))} -> {_sha(files.get(name))}" for name in differing_files(pinned, files)]
+    if not repin():
+        raise LockError(
+            f"{label}: built again under the same key {key}, but {len(changes)} files differ from artifacts.lock "
+            f"({'; '.join(changes)}). Something that changes the bytes is missing from the key (a package, "
+            "a setting, a CPU-dependent kernel), or the lock was edited. Nothing was re-pinned. To accept the "
+            f"new bytes: PHIBUILD_REPIN=1 doit quantize:{label}")
+    log.warning("%s: re-pinned under the unchanged key %s (PHIBUILD_REPIN): %s", label, key, "; ".join(changes))
+
+
+def _sha(digest: FileDigest | None) -> str:
+    return "(none)" if digest is None else f"sha256 {digest.sha256[:12]}"
+
+
+def _drop_remote_code(output: Path) -> None:
+    """Remove ``*.py`` files and ``auto_map`` entries (which tell transformers to import them) from an
+    artifact: a model that did not opt in to remote code ships none."""
+    for path in sorted(output.rglob("*.py")):
+        path.unlink()
+    for path in sorted(output.rglob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            continue
+        if isinstance(data, dict) and "auto_map" in data:
+            del data["auto_map"]
+            path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def _check_frozen(target: Target, locked: LockEntry | None, plan: Plan) -> None:
+    if locked is None:
+        raise LockError(f"{target.name}: not in artifacts.lock and PHIBUILD_FROZEN is set; "
+                        "build it without PHIBUILD_FROZEN and commit the lock")
+    changes = plan.parts.differences(locked.parts)
+    if changes:
+        raise LockError(f"{target.name}: artifacts.lock would change ({'; '.join(changes)}) and "
+                        "PHIBUILD_FROZEN is set; rebuild without it and commit the lock")
+
+
+def _fields(old: LockEntry | None, new: LockEntry) -> dict[str, tuple]:
+    """Each lock entry field, old and new, for saying which changed."""
+    before = old.to_dict() if old else {}
+    after = new.to_dict()
+    return {name: (before.get(name), after.get(name)) for name in sorted(before.keys() | after.keys())}
+
+
+def _placed(methods: dict[str, str]) -> str:
+    """How the files were shown: "3 hardlinks, 1 copy"."""
+    counts = Counter(methods.values())
+    plural = {"copy": "copies", "hardlink": "hardlinks", "reflink": "reflinks"}
+    return ", ".join(f"{n} {plural[method] if n > 1 else method}" for method, n in sorted(counts.items()))

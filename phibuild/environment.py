@@ -1,0 +1,249 @@
+"""What software a build runs on, found by mechanism rather than kept by hand.
+
+A backend's toolchain is the requirement closure of its pip extra (``phibuild[onnx]`` and everything that
+pulls in, with extras and markers evaluated here), with the exact installed version of each distribution,
+and the interpreter. All of it enters the backend's cache key. Walking the installed metadata costs a few
+hundred milliseconds, so the result is kept in the store, valid while no directory on ``sys.path`` changes
+(installing or removing a distribution changes its site-packages directory).
+
+The closure is checked, too: ``imports_outside`` names every distribution a build imported that its key does
+not cover (an optional import nothing requires), and the build fails rather than cache bytes that depend on
+something the key does not see.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.metadata
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .records import Toolchain
+
+log = logging.getLogger(__name__)
+
+PROJECT = "phibuild"  # its own code is covered by the recipe version in every key, not by a package version
+CACHE_FORMAT = 1
+
+
+def python() -> str:
+    """The interpreter, as keys record it: implementation and minor version."""
+    return f"{sys.implementation.name}-{sys.version_info.major}.{sys.version_info.minor}"
+
+
+class Environment:
+    """The installed distributions, read once per environment (cached under ``cache``)."""
+
+    def __init__(self, cache: Path | None = None):
+        self.cache = cache
+        self._known: dict[str, dict[str, Any]] | None = None  # {"closures": {extra: ...}, "probes": {name: ...}}
+
+    def toolchain(self, backend: str, extra: str, optional: tuple[str, ...] = ()) -> Toolchain:
+        """The toolchain of ``backend``: the closure of ``phibuild[extra]``, and of those of ``optional`` that
+        are installed (what the toolchain imports when it finds it); raises LookupError naming what is not
+        installed."""
+        closure = self._closure(extra)
+        if closure["missing"]:
+            raise LookupError(", ".join(closure["missing"]))
+        packages = dict(closure["packages"])
+        if optional:
+            installed = _installed()
+            packages.update(_walk([(name, ()) for name in optional if name in installed], installed)[0])
+        return Toolchain(backend, python(), dict(sorted(packages.items())))
+
+    def probe(self, name: str, signature: list, compute) -> str:
+        """``compute()``, a fact about the installed software that is costly to find out (a fingerprint),
+        remembered with the store's toolchains while ``signature`` (say, a library's size and time) holds."""
+        probes = self._table("probes")
+        known = probes.get(name)
+        if isinstance(known, dict) and known.get("signature") == signature:
+            return known["value"]
+        probes[name] = {"signature": signature, "value": compute()}
+        self._save()
+        return probes[name]["value"]
+
+    def missing(self, extra: str) -> list[str]:
+        """The distributions ``phibuild[extra]`` requires directly that are not installed."""
+        return list(self._closure(extra)["missing"])
+
+    def _closure(self, extra: str) -> dict[str, Any]:
+        closures = self._table("closures")
+        if extra not in closures:
+            installed = _installed()
+            packages, missing = _walk(_extra_requirements(extra, installed), installed)
+            closures[extra] = {"packages": packages, "missing": missing}
+            self._save()
+        return closures[extra]
+
+    def _table(self, name: str) -> dict[str, Any]:
+        if self._known is None:
+            self._known = self._load()
+        return self._known.setdefault(name, {})
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        """What an earlier run found in this same environment; anything unreadable is found out again."""
+        if self.cache is None:
+            return {}
+        try:
+            data = json.loads(self.cache.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict) or data.get("signature") != _signature():
+            return {}
+        return {name: data[name] for name in ("closures", "probes") if isinstance(data.get(name), dict)}
+
+    def _save(self) -> None:
+        """Best effort: a store this user cannot write computes the closures again next time."""
+        if self.cache is None:
+            return
+        from .store import write_file
+
+        with contextlib.suppress(OSError):
+            self.cache.parent.mkdir(parents=True, exist_ok=True)
+            write_file(self.cache, json.dumps({"signature": _signature(), **self._known}, sort_keys=True))
+
+
+def _signature() -> list:
+    """What the installed set depends on: the interpreter and the directories on sys.path, by mtime."""
+    dirs = []
+    for entry in sys.path:
+        with contextlib.suppress(OSError):
+            if os.path.isdir(entry):
+                dirs.append([entry, os.stat(entry).st_mtime_ns])
+    return [CACHE_FORMAT, sys.executable, sys.version, dirs]
+
+
+@functools.cache
+def _installed() -> dict[str, importlib.metadata.Distribution]:
+    """Every installed distribution by canonical name; the first on sys.path wins, as for imports."""
+    from packaging.utils import canonicalize_name
+
+    found: dict[str, importlib.metadata.Distribution] = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            found.setdefault(canonicalize_name(name), dist)
+    return found
+
+
+def _extra_requirements(extra: str, installed: dict) -> list[tuple[str, tuple[str, ...]]]:
+    """phibuild's requirements that belong to ``extra`` (not its core ones), as (name, extras)."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    own = installed.get(PROJECT)
+    if own is None:
+        raise LookupError(f"{PROJECT} itself (install it: pip install -e .)")
+    roots = []
+    for text in own.requires or []:
+        requirement = Requirement(text)
+        marker = requirement.marker
+        if marker is not None and marker.evaluate({"extra": extra}) and not marker.evaluate({"extra": ""}):
+            name = canonicalize_name(requirement.name)
+            if name == PROJECT:  # an extra made of other extras, like all
+                roots += [r for sub in requirement.extras for r in _extra_requirements(sub, installed)]
+            else:
+                roots.append((name, tuple(sorted(requirement.extras))))
+    return roots
+
+
+def _walk(roots: list[tuple[str, tuple[str, ...]]], installed: dict) -> tuple[dict[str, str], list[str]]:
+    """The installed closure of ``roots``: {name: version}, and the roots that are not installed."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    missing = sorted({name for name, _ in roots if name not in installed})
+    versions: dict[str, str] = {}
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+    todo = [root for root in roots if root[0] in installed]
+    while todo:
+        name, extras = todo.pop()
+        if (name, extras) in seen or name == PROJECT:
+            continue
+        seen.add((name, extras))
+        dist = installed.get(name)
+        if dist is None:
+            continue  # required under a marker this platform does not meet, or not installed: not imported
+        versions[name] = dist.version
+        environments = [{"extra": extra} for extra in extras] or [{"extra": ""}]
+        for text in dist.requires or []:
+            requirement = Requirement(text)
+            if requirement.marker is None or any(requirement.marker.evaluate(env) for env in environments):
+                todo.append((canonicalize_name(requirement.name), tuple(sorted(requirement.extras))))
+    return dict(sorted(versions.items())), missing
+
+
+def loaded_distributions(modules: set[str] | None = None) -> dict[str, str]:
+    """The distributions that provide ``modules`` (default: every module loaded now), with their versions;
+    standard-library modules and modules no distribution installed (phibuild's, a test's) are left out."""
+    from packaging.utils import canonicalize_name
+
+    owners = _owners()
+    found: dict[str, str] = {}
+    for module in sorted(modules if modules is not None else set(sys.modules)):
+        top = module.partition(".")[0]
+        if top in sys.stdlib_module_names or top not in owners:
+            continue
+        candidates = owners[top]
+        if len(candidates) > 1:  # a namespace package (google.*): the module's own file tells whose it is
+            candidates = _owning(sys.modules.get(module), candidates) or candidates[:0]
+        for name in candidates:
+            canonical = canonicalize_name(name)
+            if canonical != PROJECT and canonical in _installed():
+                found[canonical] = _installed()[canonical].version
+    return found
+
+
+def imports_outside(before: set[str], toolchain: Toolchain) -> dict[str, str]:
+    """Distributions whose modules were first imported after ``before`` (a snapshot of ``sys.modules``) and
+    that ``toolchain`` does not cover, with their versions. phibuild's own requirements are phibuild's (its
+    code is covered by the recipe version), not the toolchain's."""
+    new = set(sys.modules) - before
+    own = _core()
+    return {name: version for name, version in loaded_distributions(new).items()
+            if name not in toolchain.packages and name not in own}
+
+
+@functools.cache
+def _core() -> frozenset[str]:
+    """phibuild's core requirements and what they pull in."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    installed = _installed()
+    own = installed.get(PROJECT)
+    requirements = [Requirement(text) for text in (own.requires or [])] if own else []
+    roots = [(canonicalize_name(r.name), tuple(sorted(r.extras))) for r in requirements if r.marker is None]
+    return frozenset(_walk(roots, installed)[0])
+
+
+@functools.cache
+def _owners() -> dict[str, list[str]]:
+    return {top: sorted(set(names)) for top, names in importlib.metadata.packages_distributions().items()}
+
+
+def _owning(module: object, candidates: list[str]) -> list[str]:
+    path = getattr(module, "__file__", None)
+    if not path:
+        return []
+    path = os.path.realpath(path)
+    for name in candidates:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            dist = importlib.metadata.distribution(name)
+            for file in dist.files or []:
+                if os.path.realpath(dist.locate_file(file)) == path:
+                    return [name]
+    return []
+
+
+def constraints(extras: tuple[str, ...], marker: str) -> list[str]:
+    """``name==version ; marker`` for every distribution the closure of ``extras`` installs here."""
+    installed = _installed()
+    roots = [root for extra in extras for root in _extra_requirements(extra, installed)]
+    versions, _ = _walk(roots, installed)
+    return [f"{name}=={version} ; {marker}" for name, version in versions.items()]

@@ -1,0 +1,294 @@
+"""The records phibuild writes and reads back: key components, toolchains, store manifests, lock entries.
+
+Each is a small frozen dataclass with one ``from_dict`` that validates (``validate.fields`` against a table
+declared once) and one ``to_dict`` that is its exact inverse, as dvc-data's ``HashInfo`` and
+``DataIndexEntry`` are. Whatever enters from a file, a remote or another machine's lock passes through
+``from_dict`` before anything uses it; a record that does not parse is damage, never a traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from . import validate as v
+from .hashing import FileDigest, digest_json
+
+FILES = v.table_of(v.relative_path, FileDigest.from_dict)
+INTERMEDIATE = "intermediate"  # the precision of a backend's shared first step
+
+
+def files_to_dict(files: dict[str, FileDigest]) -> dict[str, dict]:
+    return {name: digest.to_dict() for name, digest in sorted(files.items())}
+
+
+def differing_files(one: dict[str, FileDigest], other: dict[str, FileDigest]) -> list[str]:
+    """The names whose digests differ between two file tables, or that only one of them has."""
+    return sorted(name for name in one.keys() | other.keys() if one.get(name) != other.get(name))
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    """The software a backend builds with: the interpreter and every distribution its extra pulls in."""
+
+    backend: str
+    python: str
+    packages: dict[str, str]  # distribution -> exact version
+
+    TABLE = {"backend": v.Field(v.name), "python": v.Field(v.text), "packages": v.Field(v.table_of(v.text, v.text))}
+
+    @property
+    def id(self) -> str:
+        """How artifacts.lock refers to it: the backend and a digest of the content, so equal ids mean equal
+        toolchains and slice locks merge their tables without conflicts."""
+        return f"{self.backend}-{digest_json(self.to_dict())[:16]}"
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> Toolchain:
+        return cls(**v.fields(data, cls.TABLE, where))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "python": self.python, "packages": dict(sorted(self.packages.items()))}
+
+    def differences(self, other: Toolchain) -> list[str]:
+        """``name old -> new`` for each package (and the interpreter) that differs from ``other``."""
+        old, new = {"python": other.python, **other.packages}, {"python": self.python, **self.packages}
+        return [f"{name} {old.get(name, '(none)')} -> {new.get(name, '(none)')}"
+                for name in sorted(old.keys() | new.keys()) if old.get(name) != new.get(name)]
+
+
+@dataclass(frozen=True)
+class KeyParts:
+    """Everything that can change an artifact's bytes; the cache key is their digest. No paths, no times."""
+
+    source: str  # digest of the source model's files
+    backend: str
+    toolchain: Toolchain
+    precision: str
+    params: dict[str, Any]
+    recipe: str  # phibuild's own pipeline version, and the backend's
+    machine: dict[str, str]  # what of the machine the backend's output depends on (see Backend.machine)
+    trust_remote_code: bool = False
+
+    TABLE = {"source": v.Field(v.key), "backend": v.Field(v.name), "toolchain": v.Field(Toolchain.from_dict),
+             "precision": v.Field(v.name), "params": v.Field(v.table_of(v.name, v.scalar)),
+             "recipe": v.Field(v.text), "machine": v.Field(v.table_of(v.name, v.text)),
+             "trust_remote_code": v.Field(v.boolean, required=False)}
+
+    @property
+    def key(self) -> str:
+        return digest_json(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> KeyParts:
+        return cls(**v.fields(data, cls.TABLE, where))
+
+    def to_dict(self) -> dict[str, Any]:
+        parts = {"source": self.source, "backend": self.backend, "toolchain": self.toolchain.to_dict(),
+                 "precision": self.precision, "params": dict(self.params), "recipe": self.recipe,
+                 "machine": dict(self.machine)}
+        if self.trust_remote_code:
+            parts["trust_remote_code"] = True
+        return parts
+
+    def differences(self, old: KeyParts) -> list[str]:
+        """What changed from ``old``, one phrase each (``doit info``, frozen mode)."""
+        changes = []
+        if self.source != old.source:
+            changes.append(f"source: {old.source[:12]}... -> {self.source[:12]}...")
+        for part in ("backend", "precision", "recipe", "trust_remote_code"):
+            if getattr(self, part) != getattr(old, part):
+                changes.append(f"{part}: {getattr(old, part)} -> {getattr(self, part)}")
+        changes += [f"versions: {change}" for change in self.toolchain.differences(old.toolchain)]
+        for part in ("params", "machine"):
+            new_table, old_table = getattr(self, part), getattr(old, part)
+            changes += [f"{part}: {name} {old_table.get(name, '(none)')} -> {new_table.get(name, '(none)')}"
+                        for name in sorted(old_table.keys() | new_table.keys())
+                        if old_table.get(name) != new_table.get(name)]
+        return changes
+
+
+@dataclass(frozen=True)
+class Smoke:
+    """What the smoke check said, and where it ran: here, or on the machine a pulled artifact came from."""
+
+    result: str  # "ok: 8 tokens from a Phi chat prompt: '...'" or "not run: <why>"
+    pulled_from: str | None = None
+
+    TABLE = {"result": v.Field(v.text), "pulled_from": v.Field(v.text, required=False)}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> Smoke:
+        return cls(**v.fields(data, cls.TABLE, where))
+
+    def to_dict(self) -> dict[str, str]:
+        return {"result": self.result, **({"pulled_from": self.pulled_from} if self.pulled_from else {})}
+
+    def summary(self) -> str:
+        return self.result + (f" (checked where it was built; pulled from {self.pulled_from})"
+                              if self.pulled_from else "")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A store entry's description, beside its files (and on a remote, under its key)."""
+
+    key: str
+    label: str  # the target, or the intermediate, it was made for
+    parts: KeyParts
+    files: dict[str, FileDigest]
+    smoke: Smoke | None = None  # artifacts have one, intermediates do not
+    intermediate: Pin | None = None  # the intermediate it was built from, and its files
+
+    TABLE = {"key": v.Field(v.key), "label": v.Field(v.name), "parts": v.Field(KeyParts.from_dict),
+             "files": v.Field(FILES), "smoke": v.Field(Smoke.from_dict, required=False),
+             "intermediate": v.Field(lambda value, where: Pin.from_dict(value, where), required=False)}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> Manifest:
+        manifest = cls(**v.fields(data, cls.TABLE, where))
+        if manifest.parts.key != manifest.key:
+            raise v.Invalid(f"{where}: its key components digest to {manifest.parts.key}, not to its key")
+        if not manifest.files:
+            raise v.Invalid(f"{where} lists no files")
+        if (manifest.smoke is None) != manifest.is_intermediate:
+            raise v.Invalid(f"{where}: an artifact records its smoke check, an intermediate none")
+        return manifest
+
+    @property
+    def is_intermediate(self) -> bool:
+        """A backend's shared first step (GGUF: the conversion), which no smoke check runs on."""
+        return self.parts.precision == INTERMEDIATE
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {"key": self.key, "label": self.label, "parts": self.parts.to_dict(),
+                "files": files_to_dict(self.files)}
+        if self.smoke is not None:
+            data["smoke"] = self.smoke.to_dict()
+        if self.intermediate:
+            data["intermediate"] = self.intermediate.to_dict()
+        return data
+
+    def pulled(self, url: str) -> Manifest:
+        """This manifest as the local store keeps it once pulled from ``url``: the smoke check ran there."""
+        if self.smoke is None or self.smoke.pulled_from:
+            return self
+        return replace(self, smoke=replace(self.smoke, pulled_from=url))
+
+
+@dataclass(frozen=True)
+class Pin:
+    """A key and the files the lock expects under it."""
+
+    key: str
+    files: dict[str, FileDigest]
+
+    TABLE = {"key": v.Field(v.key), "files": v.Field(FILES)}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> Pin:
+        return cls(**v.fields(data, cls.TABLE, where))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "files": files_to_dict(self.files)}
+
+
+@dataclass(frozen=True)
+class LockEntry:
+    """One artifact as artifacts.lock pins it. Its key components are stored flat, the toolchain by id."""
+
+    model: str
+    source: str  # where the model came from: "embedded:NAME", "path:DIR", "hf:REPO[@REVISION]"
+    parts: KeyParts
+    key: str
+    files: dict[str, FileDigest]
+    smoke: Smoke
+    revision: str | None = None  # the hub commit, for hub models
+    intermediate: Pin | None = None
+
+    TABLE = {"model": v.Field(v.name), "source": v.Field(v.text), "revision": v.Field(v.commit, required=False),
+             "source_digest": v.Field(v.key), "backend": v.Field(v.name), "toolchain": v.Field(v.text),
+             "precision": v.Field(v.name), "params": v.Field(v.table_of(v.name, v.scalar)),
+             "recipe": v.Field(v.text), "machine": v.Field(v.table_of(v.name, v.text)),
+             "trust_remote_code": v.Field(v.boolean, required=False), "key": v.Field(v.key),
+             "files": v.Field(FILES), "smoke": v.Field(Smoke.from_dict),
+             "intermediate": v.Field(Pin.from_dict, required=False)}
+
+    @classmethod
+    def from_dict(cls, data: Any, toolchains: dict[str, Toolchain], where: str) -> LockEntry:
+        got = v.fields(data, cls.TABLE, where)
+        toolchain = toolchains.get(got["toolchain"])
+        if toolchain is None:
+            raise v.Invalid(f"{where}.toolchain names {got['toolchain']!r}, which no [toolchains] table defines")
+        parts = KeyParts(got["source_digest"], got["backend"], toolchain, got["precision"], got["params"],
+                         got["recipe"], got["machine"], got.get("trust_remote_code", False))
+        if parts.key != got["key"]:
+            raise v.Invalid(f"{where}: its key components digest to {parts.key}, not to its key {got['key']} "
+                            "(edited by hand?); remove the entry and build it again")
+        if not got["files"]:
+            raise v.Invalid(f"{where} lists no files")
+        return cls(got["model"], got["source"], parts, got["key"], got["files"], got["smoke"],
+                   got.get("revision"), got.get("intermediate"))
+
+    def to_dict(self) -> dict[str, Any]:
+        parts = self.parts
+        data: dict[str, Any] = {
+            "model": self.model, "source": self.source, "source_digest": parts.source, "backend": parts.backend,
+            "toolchain": parts.toolchain.id, "precision": parts.precision, "params": dict(parts.params),
+            "recipe": parts.recipe, "machine": dict(parts.machine), "key": self.key,
+            "files": files_to_dict(self.files), "smoke": self.smoke.to_dict(),
+        }
+        if parts.trust_remote_code:
+            data["trust_remote_code"] = True
+        if self.revision:
+            data["revision"] = self.revision
+        if self.intermediate:
+            data["intermediate"] = self.intermediate.to_dict()
+        return data
+
+    def pinned(self, key: str) -> dict[str, FileDigest] | None:
+        """The files this entry pins for ``key``, or None when it pins another key."""
+        return self.files if key == self.key else None
+
+    def intermediate_files(self, key: str) -> dict[str, FileDigest] | None:
+        """The files this entry pins for intermediate ``key``, or None."""
+        return self.intermediate.files if self.intermediate and self.intermediate.key == key else None
+
+
+@dataclass(frozen=True)
+class Lock:
+    """A whole lock file: artifacts by target name, and the toolchains they were built with."""
+
+    artifacts: dict[str, LockEntry]
+
+    FORMAT = 2
+    TABLE = {"version": v.Field(v.count), "artifacts": v.Field(v.tables, required=False),
+             "toolchains": v.Field(v.tables, required=False)}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> Lock:
+        got = v.fields(data, cls.TABLE, where)
+        if got["version"] != cls.FORMAT:
+            raise v.Invalid(f"{where}: lock format version {got['version']}; this phibuild reads {cls.FORMAT}. "
+                            "A lock of an older phibuild pins keys this one does not compute: remove it (git "
+                            "keeps the old one) and build again")
+        toolchains = {}
+        for ident, table in got.get("toolchains", {}).items():
+            toolchain = Toolchain.from_dict(table, f"{where}: [toolchains.{ident}]")
+            if toolchain.id != ident:
+                raise v.Invalid(f"{where}: [toolchains.{ident}] does not digest to its name (edited by hand?)")
+            toolchains[ident] = toolchain
+        artifacts = {}
+        for target, table in got.get("artifacts", {}).items():
+            context = f"{where}: [artifacts.{target}]"
+            artifacts[v.name(target, context)] = LockEntry.from_dict(table, toolchains, context)
+        return cls(artifacts)
+
+    def to_dict(self) -> dict[str, Any]:
+        toolchains = {entry.parts.toolchain.id: entry.parts.toolchain.to_dict() for entry in self.artifacts.values()}
+        data: dict[str, Any] = {"version": self.FORMAT,
+                                "artifacts": {name: entry.to_dict() for name, entry in self.artifacts.items()}}
+        if toolchains:
+            data["toolchains"] = toolchains
+        return data
+

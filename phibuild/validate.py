@@ -1,0 +1,175 @@
+"""Checks for everything phibuild reads from outside: settings, lock files, manifests, slice locks.
+
+A record declares its fields once, as a table of ``{field: Field(check, required)}`` (as pydoit's
+``valid_attr`` does for task dictionaries), and ``fields()`` applies it: unknown fields, missing ones and
+values of the wrong type or shape are refused with the place they were found. A check returns the value it
+accepts, so that what passed is exactly what is used. Paths are only ever built from names that passed
+``name``, ``key`` or ``relative_path``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+Check = Callable[[Any, str], Any]  # (value, where it was found) -> the accepted value, or raises Invalid
+
+NAME = re.compile(r"[a-z0-9][a-z0-9._-]*\Z")
+HEX = {n: re.compile(rf"[0-9a-f]{{{n}}}\Z") for n in (16, 32, 40, 64)}
+MAX_TEXT = 2000  # a smoke result or an origin; anything longer is not one
+
+
+class Invalid(ValueError):
+    """A value that failed its check; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class Field:
+    check: Check
+    required: bool = True
+
+
+def fields(data: Any, table: Mapping[str, Field], where: str) -> dict[str, Any]:
+    """``data`` checked against ``table``: a dict with exactly the known fields, each accepted by its check."""
+    if not isinstance(data, dict):
+        raise Invalid(f"{where} must be a table, not {_kind(data)}")
+    unknown = sorted(set(data) - set(table))
+    if unknown:
+        raise Invalid(f"{where} has unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                      f"known: {', '.join(sorted(table))}")
+    missing = sorted(name for name, spec in table.items() if spec.required and name not in data)
+    if missing:
+        raise Invalid(f"{where} lacks {', '.join(missing)}")
+    return {name: table[name].check(value, f"{where}.{name}") for name, value in data.items()}
+
+
+def text(value: Any, where: str) -> str:
+    """A single line of printable text, of reasonable length."""
+    if not isinstance(value, str):
+        raise Invalid(f"{where} must be a string, not {_kind(value)}")
+    if len(value) > MAX_TEXT or not value.isprintable():
+        raise Invalid(f"{where} must be one line of printable text of at most {MAX_TEXT} characters")
+    return value
+
+
+def boolean(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise Invalid(f"{where} must be true or false, not {_kind(value)}")
+    return value
+
+
+def count(value: Any, where: str) -> int:
+    """A whole number, zero or more (sizes, token counts)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise Invalid(f"{where} must be a whole number of zero or more, not {value!r}")
+    return value
+
+
+def seconds(value: Any, where: str) -> float:
+    """A positive, finite number of seconds."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise Invalid(f"{where} must be a positive number of seconds, not {value!r}")
+    return float(value)
+
+
+def hexdigest(length: int) -> Check:
+    pattern = HEX[length]
+
+    def check(value: Any, where: str) -> str:
+        if not isinstance(value, str) or not pattern.match(value):
+            raise Invalid(f"{where} must be {length} lowercase hex digits, not {_short(value)}")
+        return value
+
+    return check
+
+
+key = hexdigest(32)  # cache keys, xxh3-128 digests
+sha256 = hexdigest(64)
+commit = hexdigest(40)
+
+
+def name(value: Any, where: str) -> str:
+    """A model, target, backend or precision name: safe as one path component and as a doit task name."""
+    if not isinstance(value, str) or not NAME.match(value):
+        raise Invalid(f"{where} must be a name of lowercase letters, digits, '.', '_' and '-' starting with a "
+                      f"letter or digit, not {_short(value)}")
+    return value
+
+
+def relative_path(value: Any, where: str) -> str:
+    """A file inside a directory, as manifests and locks name them: relative, POSIX, no '..', no tricks."""
+    if not isinstance(value, str) or not value or "\\" in value or not value.isprintable():
+        raise Invalid(f"{where}: {_short(value)} is not a file name")
+    path = PurePosixPath(value)
+    if path.is_absolute() or any(part in ("", ".", "..") for part in value.split("/")):
+        raise Invalid(f"{where}: {value!r} is not a plain relative path inside the artifact")
+    return value
+
+
+def inside(directory: Path, relative: str) -> Path:
+    """``directory / relative`` for a name that passed ``relative_path``, refused if it would leave
+    ``directory`` through a symlink on disk."""
+    path = directory / relative
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise Invalid(f"{relative!r} resolves outside {directory}")
+    return path
+
+
+def text_list(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise Invalid(f"{where} must be a list of strings, like [\"a\", \"b\"], not {_short(value)}")
+    return list(value)
+
+
+def name_list(value: Any, where: str) -> list[str]:
+    return [name(item, f"{where}[{i}]") for i, item in enumerate(text_list(value, where))]
+
+
+def table_of(check_key: Check, check_value: Check) -> Check:
+    """A table whose keys and values each pass a check."""
+
+    def check(value: Any, where: str) -> dict:
+        if not isinstance(value, dict):
+            raise Invalid(f"{where} must be a table, not {_kind(value)}")
+        return {check_key(k, f"{where}"): check_value(v, f"{where}.{k}") for k, v in value.items()}
+
+    return check
+
+
+def tables(value: Any, where: str) -> dict[str, dict]:
+    """A table of tables (``[artifacts.NAME]``, ``[toolchains.ID]``), each checked by its record."""
+    if not isinstance(value, dict) or not all(isinstance(table, dict) for table in value.values()):
+        raise Invalid(f"{where} must hold one table per entry")
+    return value
+
+
+def scalar(value: Any, where: str) -> str | int | float | bool:
+    """A parameter value: a string, a number or true/false (never a table or a list)."""
+    if isinstance(value, bool | int | str) or (isinstance(value, float) and math.isfinite(value)):
+        return value
+    raise Invalid(f"{where} must be a string, number or true/false, not {_kind(value)}")
+
+
+def json_value(value: Any, where: str) -> Any:
+    """Plain JSON data (key components in a manifest): tables, lists, strings, numbers, booleans."""
+    if isinstance(value, dict):
+        return {text(k, where): json_value(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if value is None:
+        return None
+    return scalar(value, where)
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a table", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _short(value: Any) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
