@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import sources
-from .backends import Job
+from .backends import Job, console_kept
 from .environment import imports_outside
 from .errors import BuildError, LockError, UnsupportedError
 from .hashing import FileDigest, digest_files
@@ -112,7 +112,8 @@ def make(project: Project, plan: Plan, locked: LockEntry | None, output: Path) -
     job = _job(plan, output, intermediate.artifact if intermediate else None)
     before = set(sys.modules)
     produce(target, job)
-    smoke = target.backend.smoke(output, job).summary()
+    with console_kept(f"{target.name}: the smoke check in {target.backend.title}'s runtime failed"):
+        smoke = target.backend.smoke(output, job).summary()
     log.info("smoke check of %s: %s", target.name, smoke)
     _check_imports(before, plan, target.name)
     _check_unchanged(project, plan, target.name)
@@ -134,7 +135,8 @@ def obtain_intermediate(project: Project, plan: Plan, locked: LockEntry | None) 
         log.info("building %s: %s intermediate %s (key %s)", label, backend.title, params, parts.key[:12])
         job = replace(_job(plan, output), params=params)
         before = set(sys.modules)
-        backend.build_intermediate(job)
+        with console_kept(f"{label}: {backend.title} intermediate failed"):
+            backend.build_intermediate(job)
         _check_imports(before, plan, label)
         _check_unchanged(project, plan, label)
         return Made()
@@ -145,7 +147,8 @@ def obtain_intermediate(project: Project, plan: Plan, locked: LockEntry | None) 
 
 def produce(target: Target, job: Job) -> None:
     """Run the backend, then keep the model's own code out of the artifact unless the model opted in."""
-    target.backend.build(job)
+    with console_kept(f"{target.name}: {target.backend.title} failed"):
+        target.backend.build(job)
     if not job.trust_remote_code:
         _drop_remote_code(job.output)
 

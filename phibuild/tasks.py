@@ -53,7 +53,7 @@ class _Console(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         warning = record.levelno >= logging.WARNING
         stream = sys.stderr if warning else sys.stdout
-        stream.write(f"phibuild: {'warning: ' if warning else ''}{record.getMessage()}\n")
+        stream.write(f"phibuild: {record.levelname.lower() + ': ' if warning else ''}{record.getMessage()}\n")
         stream.flush()
 
 

@@ -102,9 +102,9 @@ def run_doit(root: Path, *args: str) -> Run:
     return Run(code, output.getvalue(), hashing.bytes_read - bytes_before, weight_opens - opens_before)
 
 
-def doit_process(root: Path, *args: str, **kwargs) -> subprocess.Popen:
+def doit_process(root: Path, *args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
     """``python -m doit ARGS`` as a separate process in ``root``, using the repository's dodo.py."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**(env or os.environ), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), "-d", str(root), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **kwargs)
 

@@ -534,3 +534,16 @@ def test_the_opt_in_keys_and_ships_the_models_code(tmp_path):
     assert run_doit(plain).code == 0
     assert Lockfile(plain / "artifacts.lock").get("a-fp32-mlx").key != entry.key
 
+
+
+def test_a_runtime_that_fails_the_smoke_check_is_one_line(tmp_path):
+    """OpenVINO's CPU plugin with its kernels capped at SSE4.1 cannot run an int4 LLM (PagedAttention refuses):
+    the target fails with one line saying which check failed, and nothing is published."""
+    root = write_project(tmp_path, ["phi3-tiny"], ["openvino"], ["int4"])
+    env = {**os.environ, "OV_CPU_MAX_ISA": "SSE41", "ONEDNN_MAX_CPU_ISA": "SSE41"}
+    process = doit_process(root, env=env)
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode != 0
+    assert "phi3-tiny-int4-openvino: the smoke check in OpenVINO's runtime failed: RuntimeError:" in output, output
+    no_traceback(output)
+    assert not list((root / ".phibuild").glob("objects/*/*"))

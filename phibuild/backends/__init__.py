@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..environment import Environment
-from ..errors import BuildError, ConfigError, file_system_error
+from ..errors import BuildError, ConfigError, PhibuildError, file_system_error
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,8 @@ def console_kept(failure: str) -> Iterator[None]:
     try:
         with contextlib.redirect_stdout(captured):
             yield
+    except PhibuildError:
+        raise  # already one message (a nested step's)
     except Exception as exc:
         if captured.getvalue().strip():
             log.error("%s", captured.getvalue().rstrip())

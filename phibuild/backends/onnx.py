@@ -7,14 +7,17 @@ but its smoke check cannot run on a CPU-only machine and says so.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ..errors import BuildError
 from . import SMOKE_MESSAGES, SMOKE_TOKENS, TRANSFORMERS_OPTIONAL, Backend, Job, Smoke, console_kept
+from .reference import cos_sin_f32, log_f64, pow_f32
 
 # Which execution providers the builder accepts for each precision (shared/phi-family.md).
 PROVIDERS = {
@@ -78,13 +81,16 @@ class OnnxBackend(Backend):
         options.append(f"hf_remote={_option(job.trust_remote_code)}")
         source, output, cache = str(job.source), str(job.output), job.output.parent / "builder-cache"
         try:
-            with console_kept(f"{self.title} model builder failed"):
+            with console_kept(f"{self.title} model builder failed"), machine_independent() as calls:
                 extra = parse_extra_options(source, source, output, job.precision, provider, str(cache), options)
                 create_model(source, source, output, job.precision, provider, str(cache), **extra)
         finally:
             shutil.rmtree(cache, ignore_errors=True)
         if not (job.output / "genai_config.json").is_file():
             raise BuildError(f"{self.title} model builder wrote no genai_config.json in {job.output}")
+        if not calls:
+            raise BuildError(f"{self.title} model builder did not compute its rotary caches where phibuild makes "
+                             "them the same on every CPU (a builder phibuild does not know?); nothing was published")
 
     def smoke(self, artifact: Path, job: Job) -> Smoke:
         provider = job.params["execution_provider"]
@@ -105,6 +111,75 @@ class OnnxBackend(Backend):
             generator.generate_next_token()
             tokens.append(int(generator.get_next_tokens()[0]))
         return Smoke.generated(self.title, tokens, tokenizer.decode(tokens))
+
+
+@contextlib.contextmanager
+def machine_independent() -> Iterator[list[int]]:
+    """The builder with its CPU-dependent steps replaced, for the duration of one build (yields the calls made
+    to the rotary caches, which a Phi build must make):
+
+    - rotary cos/sin caches, stored in model.onnx: ``theta ** e``, cos and sin correctly rounded (reference.py)
+      instead of torch's dispatched pow and MKL's per-CPU cos/sin; the rest is the builder's own arithmetic
+      (IEEE-exact multiplies, divides and casts), and the result is checked against the builder's own (within
+      1e-3: an ulp of its pow grows with the position, to 7e-5 at 128k), so a builder that changes its formula
+      fails instead of building something else;
+    - the longrope and yarn magnitude scales: correctly rounded logarithms instead of numpy's;
+    - producer_version: the installed package's version and commit, as the builder writes for a wheel, instead
+      of ``git rev-parse HEAD`` run in the directory above site-packages (a virtualenv inside a checkout would
+      stamp that checkout's commit) or a VERSION_INFO file found there.
+    """
+    import numpy as np
+    import onnxruntime_genai
+    import torch
+    from onnxruntime_genai.models import builder
+
+    # builder.py imports its classes as the top-level package `builders` (models/ is put on sys.path), so
+    # the class create_model uses is found through the model classes it imports, not by module name.
+    model = next(cls for cls in builder.Phi3MiniModel.__mro__ if "make_rotary_embedding_caches_from_scratch"
+                 in cls.__dict__)
+    original = model.make_rotary_embedding_caches_from_scratch
+    calls: list[int] = []
+
+    def caches(self):
+        attrs = self.rope_attrs
+        dim = int(attrs["partial_rotary_factor"] * self.head_size)
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+        inv_freq = 1.0 / (attrs["rescale_factors"] * torch.from_numpy(pow_f32(attrs["theta"], exponents.numpy())))
+        if "rescale_inv_freq" in attrs:
+            inv_freq = self.make_inv_freq_rescaled(inv_freq)
+        position_scale = attrs["position_scale"] if self.context_length == self.original_context_length else 1
+        t = (torch.arange(attrs["cache_length"], dtype=attrs["t_dtype"]) * position_scale).type_as(inv_freq)
+        cos, sin = (torch.from_numpy(c) for c in cos_sin_f32(torch.outer(t, inv_freq).numpy()))
+        cos_cache = torch.cat((cos, cos), dim=-1) * attrs["mscale"]
+        sin_cache = torch.cat((sin, sin), dim=-1) * attrs["mscale"]
+        for mine, theirs in zip((cos_cache, sin_cache), original(self), strict=True):
+            if mine.shape != theirs.shape or mine.dtype != theirs.dtype or float(
+                    (mine - theirs).abs().max()) > 1e-3 * max(1.0, float(attrs["mscale"])):
+                raise BuildError("the ONNX builder's rotary caches are no longer computed as phibuild reproduces "
+                                 "them (a newer builder?); nothing was published")
+        calls.append(1)
+        return cos_cache, sin_cache
+
+    def mscale_su(self, mscale):
+        return 1.0 if mscale <= 1.0 else np.sqrt(1 + log_f64(mscale) / log_f64(self.original_context_length))
+
+    def mscale_yarn(self, mscale):
+        return 1.0 if mscale <= 1.0 else 0.1 * log_f64(mscale) + 1.0
+
+    replaced = {
+        "make_rotary_embedding_caches_from_scratch": caches, "make_mscale_su": mscale_su,
+        "make_mscale_yarn": mscale_yarn,
+        "get_genai_version": classmethod(lambda cls: onnxruntime_genai.__version__ or None),
+        "get_genai_commit": classmethod(lambda cls: getattr(onnxruntime_genai, "__commit__", None) or None),
+    }
+    saved = {name: model.__dict__[name] for name in replaced}
+    for name, function in replaced.items():
+        setattr(model, name, function)
+    try:
+        yield calls
+    finally:
+        for name, function in saved.items():
+            setattr(model, name, function)
 
 
 def _option(value: Any) -> str:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BuildError, file_system_error
 from . import SMOKE_MESSAGES, SMOKE_TOKENS, TRANSFORMERS_OPTIONAL, Backend, Job, Smoke
+from .reference import pow_f32
 
 if TYPE_CHECKING:
     from optimum.intel import OVWeightQuantizationConfig
@@ -48,6 +49,11 @@ IRS = ("openvino_model", "openvino_tokenizer", "openvino_detokenizer")
 # Constant_193436_compressed, Convert_135411.0, Constant_12655/scale.
 COUNTER_NAME = re.compile(r"(?P<kind>[A-Za-z][A-Za-z0-9]*)_\d+(?![A-Za-z0-9])")
 BACKUP_PRECISIONS = ("int8_asym", "int8_sym", "none")
+# NNCF computes compressed weights, and the quantization errors by which ratio < 1 ranks layers for int4, with
+# small OpenVINO models compiled for this CPU, or with numpy. The compressed values agree, but the ranking's
+# means are summed in an order that depends on the instruction set (a near-tie can flip between CPUs); numpy's
+# do not. Measured on a Phi-3-mini-sized layer: 15% slower.
+NUMPY_COMPRESSION = "NNCF_DISABLE_OPTIMIZED_COMPRESSION"
 
 
 class OpenvinoBackend(Backend):
@@ -96,7 +102,7 @@ class OpenvinoBackend(Backend):
         weights = _weight_config(job.precision, job.params)
         ov_config = OVConfig(quantization_config=weights) if weights else OVConfig(dtype=job.precision)
         try:
-            with _quiet():
+            with _quiet(), _reference_rope():
                 main_export(str(source), output, task=TASK, ov_config=ov_config, convert_tokenizer=True,
                             library_name="transformers", local_files_only=True,
                             trust_remote_code=job.trust_remote_code)
@@ -160,13 +166,15 @@ def _rewrite(directory: Path, weights, scratch: Path) -> None:
     import nncf
     import openvino
     import openvino_tokenizers  # noqa: F401  (lets openvino.Core read the tokenizer operations)
+    from nncf.common.utils.helpers import set_env_variable
 
     core = openvino.Core()
     scratch.mkdir()
     for stem in IRS:
         model = core.read_model(directory / f"{stem}.xml")
         if stem == "openvino_model" and weights is not None:
-            model = nncf.compress_weights(model, **weights.to_nncf_dict())
+            with set_env_variable(NUMPY_COMPRESSION, "1"):
+                model = nncf.compress_weights(model, **weights.to_nncf_dict())
         _renumber(model, stem)
         openvino.save_model(model, scratch / f"{stem}.xml", compress_to_fp16=False)
         del model  # the original .bin is memory-mapped until then
@@ -198,6 +206,40 @@ def _renumber(model, stem: str) -> None:
                 output.get_tensor().set_names(new)
     if re.fullmatch(r"Model\d+", model.get_friendly_name()):
         model.set_friendly_name(stem)
+
+
+@contextlib.contextmanager
+def _reference_rope() -> Iterator[None]:
+    """transformers' default rotary frequencies for Phi-3 (``1 / theta ** (2i / dim)``), which the export stores
+    as a constant, with the power correctly rounded (reference.py) instead of computed by torch's CPU-dispatched
+    pow: measured, a Phi-3 shape with theta 50000 stored a constant one ulp apart under torch's AVX-512 and
+    scalar kernels. LongRoPE models rebuild their frequencies in the graph, which OpenVINO folds exactly."""
+    import torch
+    from transformers.models.phi3 import modeling_phi3
+
+    rotary = modeling_phi3.Phi3RotaryEmbedding
+    original = rotary.__dict__["compute_default_rope_parameters"]
+
+    def compute(config=None, device=None, seq_len=None):
+        theirs, attention_factor = original.__func__(config, device, seq_len)
+        if theirs.is_meta:  # a model is first made on the meta device, holding no values; these come later
+            return theirs, attention_factor
+        cpu = torch.device("cpu")
+        base = config.rope_parameters["rope_theta"]
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dim = int(head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0))
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=cpu).float() / dim
+        mine = 1.0 / torch.from_numpy(pow_f32(base, exponents.numpy()))
+        if mine.shape != theirs.shape or not torch.allclose(mine, theirs.to(cpu), rtol=1e-5, atol=0):
+            raise BuildError("transformers no longer computes Phi-3's rotary frequencies as phibuild reproduces "
+                             "them (a newer transformers?); nothing was published")
+        return mine.to(device=device), attention_factor
+
+    rotary.compute_default_rope_parameters = staticmethod(compute)
+    try:
+        yield
+    finally:
+        rotary.compute_default_rope_parameters = original
 
 
 @contextlib.contextmanager
