@@ -8,6 +8,7 @@ from phibuild.tasks import (  # noqa: F401
     task_assemble,
     task_constraints,
     task_gc,
+    task_publish,
     task_quantize,
     task_release,
     task_reproduce,

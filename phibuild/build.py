@@ -14,18 +14,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import sources
 from .backends import Job, console_kept
-from .environment import imports_outside
+from .environment import covered_only, imports_outside
 from .errors import BuildError, LockError, UnsupportedError
 from .hashing import FileDigest, digest_files
 from .project import Plan, Project, Target, frozen, repin, restore_only
@@ -111,8 +112,8 @@ def make(project: Project, plan: Plan, locked: LockEntry | None, output: Path) -
     log.info("building %s: %s %s (key %s)", target.name, target.backend.title, target.precision, plan.key[:12])
     job = _job(plan, output, intermediate.artifact if intermediate else None)
     before = set(sys.modules)
-    produce(target, job)
-    with console_kept(f"{target.name}: the smoke check in {target.backend.title}'s runtime failed"):
+    produce(plan, job)
+    with step(plan, target.name, f"the smoke check in {target.backend.title}'s runtime failed"):
         smoke = target.backend.smoke(output, job).summary()
     log.info("smoke check of %s: %s", target.name, smoke)
     _check_imports(before, plan, target.name)
@@ -135,7 +136,7 @@ def obtain_intermediate(project: Project, plan: Plan, locked: LockEntry | None) 
         log.info("building %s: %s intermediate %s (key %s)", label, backend.title, params, parts.key[:12])
         job = replace(_job(plan, output), params=params)
         before = set(sys.modules)
-        with console_kept(f"{label}: {backend.title} intermediate failed"):
+        with step(plan, label, f"{backend.title} intermediate failed"):
             backend.build_intermediate(job)
         _check_imports(before, plan, label)
         _check_unchanged(project, plan, label)
@@ -145,12 +146,21 @@ def obtain_intermediate(project: Project, plan: Plan, locked: LockEntry | None) 
     return entry
 
 
-def produce(target: Target, job: Job) -> None:
+def produce(plan: Plan, job: Job) -> None:
     """Run the backend, then keep the model's own code out of the artifact unless the model opted in."""
-    with console_kept(f"{target.name}: {target.backend.title} failed"):
+    target = plan.target
+    with step(plan, target.name, f"{target.backend.title} failed"):
         target.backend.build(job)
     if not job.trust_remote_code:
         _drop_remote_code(job.output)
+
+
+@contextlib.contextmanager
+def step(plan: Plan, label: str, failure: str) -> Iterator[None]:
+    """A toolchain step: it sees only the distributions its key covers, and prints only if it fails."""
+    backend = plan.target.backend
+    with covered_only(plan.parts.toolchain, label, backend.extra), console_kept(f"{label}: {failure}"):
+        yield
 
 
 def rebuild(project: Project, target: Target) -> dict[str, FileDigest]:
@@ -165,11 +175,12 @@ def rebuild(project: Project, target: Target) -> dict[str, FileDigest]:
         if params is not None:
             intermediate = Path(scratch) / "intermediate"
             intermediate.mkdir()
-            target.backend.build_intermediate(replace(_job(plan, intermediate), params=params))
+            with step(plan, target.name, f"{target.backend.title} intermediate failed"):
+                target.backend.build_intermediate(replace(_job(plan, intermediate), params=params))
         output = Path(scratch) / "artifact"
         output.mkdir()
         log.info("rebuilding %s from scratch", target.name)
-        produce(target, _job(plan, output, intermediate))
+        produce(plan, _job(plan, output, intermediate))
         return digest_files(output)
 
 
@@ -180,8 +191,9 @@ def lock_entry(project: Project, plan: Plan, entry: Entry, locked: LockEntry | N
     smoke = entry.manifest.smoke
     if locked is not None and locked.key == entry.key and locked.files == entry.files:
         smoke = locked.smoke
+    license = plan.source.license if plan.source else locked.license if locked else None
     return LockEntry(target.model.name, project.origin(target.model), plan.parts, entry.key, entry.files, smoke,
-                     plan.revision, entry.manifest.intermediate)
+                     plan.revision, entry.manifest.intermediate, license)
 
 
 def _job(plan: Plan, output: Path, intermediate: Path | None = None) -> Job:
@@ -191,9 +203,10 @@ def _job(plan: Plan, output: Path, intermediate: Path | None = None) -> Job:
 
 
 def _check_source(target: Target, directory: Path) -> None:
-    reason = target.backend.refuse(sources.architecture(directory), target.precision, target.params)
+    architecture = sources.architecture(directory)
+    reason = target.backend.refuse(architecture, target.precision, target.params)
     if reason:
-        raise UnsupportedError(f"{target.name}: {reason}")
+        raise UnsupportedError(f"{target.name}: {target.backend.title} cannot build {architecture}: {reason}")
     sources.check_checkpoint(directory)
 
 

@@ -46,14 +46,15 @@ class ModelSpec:
     path: Path | None = None
     embedded: bool = False
     trust_remote_code: bool = False  # run code from the model's directory (hub "remote code"): opt-in only
+    parameters: float | None = None  # billions, as published; what a first build downloads, in bfloat16
 
     def patterns(self) -> tuple[str, ...]:
         """The files of the model a build reads."""
         return SOURCE_PATTERNS + (CODE_PATTERNS if self.trust_remote_code else ())
 
 
-def _hub(name: str, repo: str, architecture: str) -> ModelSpec:
-    return ModelSpec(name, architecture, repo=repo)
+def _hub(name: str, repo: str, architecture: str, parameters: float) -> ModelSpec:
+    return ModelSpec(name, architecture, repo=repo, parameters=parameters)
 
 
 def _embedded(name: str) -> ModelSpec:
@@ -63,19 +64,19 @@ def _embedded(name: str) -> ModelSpec:
 CATALOG: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
-        _hub("phi3-mini-4k", "microsoft/Phi-3-mini-4k-instruct", "Phi3ForCausalLM"),  # 3.8B, 4k context
-        _hub("phi3-mini-128k", "microsoft/Phi-3-mini-128k-instruct", "Phi3ForCausalLM"),  # 3.8B, 128k longrope
+        _hub("phi3-mini-4k", "microsoft/Phi-3-mini-4k-instruct", "Phi3ForCausalLM", 3.8),  # 3.8B, 4k context
+        _hub("phi3-mini-128k", "microsoft/Phi-3-mini-128k-instruct", "Phi3ForCausalLM", 3.8),  # 128k longrope
         # 7B, remote code, tiktoken tokenizer
-        _hub("phi3-small-8k", "microsoft/Phi-3-small-8k-instruct", "Phi3SmallForCausalLM"),
-        _hub("phi3-medium-4k", "microsoft/Phi-3-medium-4k-instruct", "Phi3ForCausalLM"),  # 14B, 4k, GQA
-        _hub("phi3-medium-128k", "microsoft/Phi-3-medium-128k-instruct", "Phi3ForCausalLM"),  # 14B, longrope, GQA
-        _hub("phi35", "microsoft/Phi-3.5-mini-instruct", "Phi3ForCausalLM"),  # 3.8B, 128k longrope
-        _hub("phi35-moe", "microsoft/Phi-3.5-MoE-instruct", "PhiMoEForCausalLM"),  # 42B MoE, 6.6B active
-        _hub("phi4", "microsoft/phi-4", "Phi3ForCausalLM"),  # 14B, 16k context, BPE tokenizer
+        _hub("phi3-small-8k", "microsoft/Phi-3-small-8k-instruct", "Phi3SmallForCausalLM", 7.0),
+        _hub("phi3-medium-4k", "microsoft/Phi-3-medium-4k-instruct", "Phi3ForCausalLM", 14.0),  # 14B, 4k, GQA
+        _hub("phi3-medium-128k", "microsoft/Phi-3-medium-128k-instruct", "Phi3ForCausalLM", 14.0),  # longrope, GQA
+        _hub("phi35", "microsoft/Phi-3.5-mini-instruct", "Phi3ForCausalLM", 3.8),  # 3.8B, 128k longrope
+        _hub("phi35-moe", "microsoft/Phi-3.5-MoE-instruct", "PhiMoEForCausalLM", 42.0),  # 42B MoE, 6.6B active
+        _hub("phi4", "microsoft/phi-4", "Phi3ForCausalLM", 14.7),  # 14B, 16k context, BPE tokenizer
         # 3.8B, 128k longrope, partial rotary, tied embeddings, BPE tokenizer
-        _hub("phi4-mini", "microsoft/Phi-4-mini-instruct", "Phi3ForCausalLM"),
-        _hub("phi4-mini-reasoning", "microsoft/Phi-4-mini-reasoning", "Phi3ForCausalLM"),  # 3.8B reasoning
-        _hub("phi4-reasoning", "microsoft/Phi-4-reasoning", "Phi3ForCausalLM"),  # 14B reasoning, 32k context
+        _hub("phi4-mini", "microsoft/Phi-4-mini-instruct", "Phi3ForCausalLM", 3.8),
+        _hub("phi4-mini-reasoning", "microsoft/Phi-4-mini-reasoning", "Phi3ForCausalLM", 3.8),  # 3.8B reasoning
+        _hub("phi4-reasoning", "microsoft/Phi-4-reasoning", "Phi3ForCausalLM", 14.7),  # 14B reasoning, 32k context
         # Embedded look-alikes, shipped in the package (tools/make_embedded_models.py):
         _embedded("phi3-tiny"),  # Phi-3-mini-4k: SentencePiece, no rope scaling
         _embedded("phi35-tiny"),  # Phi-3.5-mini: SentencePiece, longrope
@@ -84,6 +85,14 @@ CATALOG: dict[str, ModelSpec] = {
 }
 
 EMBEDDED = [name for name, spec in CATALOG.items() if spec.embedded]
+HUB = [name for name, spec in CATALOG.items() if spec.repo]
+
+
+def download_note(spec: ModelSpec) -> str:
+    """What building a hub model for the first time downloads, said without asking the hub."""
+    size = f", about {spec.parameters * 2:.0f} GB: {spec.parameters:g} billion parameters in bfloat16" if (
+        spec.parameters) else ""
+    return f"{spec.repo} at revision {spec.revision or 'main'} (resolved to a commit and pinned when built{size})"
 
 
 def lookup(name: str, custom: dict[str, ModelSpec] | None = None) -> ModelSpec:

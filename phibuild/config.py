@@ -3,13 +3,14 @@
 Every key is optional::
 
     [tool.phibuild]
-    models = ["phi35-tiny", "phi35", "my-phi"]      # default: the embedded models
+    models = ["phi35-tiny", "phi35", "my-phi"]      # default: every model phibuild knows, and your own
     backends = ["onnx"]                             # default: every backend phibuild has
     precisions = ["int4", "int8", "fp16", "fp32"]   # default: all four
     store = ".phibuild"                             # content-addressed store
     build = "build"                                 # where artifacts are shown, one directory each
     lock = "artifacts.lock"
-    default = ["phi35-tiny-int4-onnx"]              # what plain `doit` builds
+    default = ["phi35-tiny-int4-onnx"]              # what plain `doit` builds (default: every target of
+                                                    # the embedded and local models: nothing to download)
     remote = "s3://team-bucket/phibuild"            # a store shared between machines (any fsspec URL);
                                                     # PHIBUILD_REMOTE overrides it
     remote_timeout = 10                             # seconds to connect, and for each read or write
@@ -18,6 +19,10 @@ Every key is optional::
     release_dir = "release"
 
     [tool.phibuild.remote_options]                  # passed to fsspec, e.g. endpoint_url for S3 look-alikes
+
+    [tool.phibuild.publish]                         # doit publish: one Hugging Face repo per artifact
+    repo = "me/{target}"                            # {target}, {model}, {precision}, {backend}
+    private = true                                  # the token is HF_TOKEN's
 
     [tool.phibuild.key_packages]                    # more distributions a backend's key should cover
     onnx = ["accelerate"]
@@ -48,7 +53,7 @@ from typing import Any
 
 from . import backends
 from . import validate as v
-from .catalog import EMBEDDED, ModelSpec, lookup
+from .catalog import EMBEDDED, HUB, ModelSpec, lookup
 from .errors import ConfigError
 
 REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*\Z")
@@ -124,6 +129,7 @@ def _choices(allowed: tuple[str, ...], what: str):
     return check
 
 
+PUBLISH_FIELDS = {"repo": v.Field(v.text), "private": v.Field(v.boolean, required=False)}
 FIELDS = {
     "models": v.Field(v.name_list, required=False),
     "model": v.Field(_model_tables, required=False),
@@ -141,6 +147,7 @@ FIELDS = {
     "remote_timeout": v.Field(v.seconds, required=False),
     "remote_transfer_timeout": v.Field(v.seconds, required=False),
     "key_packages": v.Field(v.table_of(v.name, v.name_list), required=False),
+    "publish": v.Field(lambda value, where: v.fields(value, PUBLISH_FIELDS, where), required=False),
 }
 
 
@@ -163,6 +170,7 @@ class Config:
     release: list[str] | None = None  # None: every artifact in the lock
     release_dir: Path = Path("release")
     key_packages: dict[str, list[str]] = field(default_factory=dict)
+    publish: dict[str, Any] = field(default_factory=dict)  # repo pattern, private
 
     def model(self, name: str) -> ModelSpec:
         return lookup(name, self.custom_models)
@@ -198,7 +206,7 @@ def load(root: Path) -> Config:
                                             path=(root / spec["path"]) if "path" in spec else None,
                                             trust_remote_code=spec.get("trust_remote_code", False))
                             for name, spec in settings.pop("model", {}).items()}
-    config.models = list(EMBEDDED) + sorted(config.custom_models)
+    config.models = list(EMBEDDED) + list(HUB) + sorted(config.custom_models)
     for key, value in settings.items():
         setattr(config, key, value)
     config.remote = os.environ.get("PHIBUILD_REMOTE") or config.remote

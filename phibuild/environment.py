@@ -6,9 +6,12 @@ and the interpreter. All of it enters the backend's cache key. Walking the insta
 hundred milliseconds, so the result is kept in the store, valid while no directory on ``sys.path`` changes
 (installing or removing a distribution changes its site-packages directory).
 
-The closure is checked, too: ``imports_outside`` names every distribution a build imported that its key does
-not cover (an optional import nothing requires), and the build fails rather than cache bytes that depend on
-something the key does not see.
+A build sees only what its key covers: ``covered_only`` hides every other installed distribution while a
+backend runs, the way ``sys.modules[name] = None`` hides a module, so an optional import (httpcore looking
+for trio, tabulate for wcwidth) finds nothing, exactly as on a machine without it. The same key then means
+the same software on every machine, whatever else is installed there. A build that truly needs a hidden
+distribution fails, naming it; ``imports_outside`` checks afterwards that nothing slipped past (a namespace
+package shared with a covered distribution).
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import BuildError, causes
 from .records import Toolchain
 
 log = logging.getLogger(__name__)
@@ -197,6 +202,35 @@ def loaded_distributions(modules: set[str] | None = None) -> dict[str, str]:
             if canonical != PROJECT and canonical in _installed():
                 found[canonical] = _installed()[canonical].version
     return found
+
+
+@contextlib.contextmanager
+def covered_only(toolchain: Toolchain, label: str, extra: str) -> Iterator[None]:
+    """Run the body with every installed distribution that ``toolchain`` (and phibuild's own requirements)
+    do not cover hidden from imports; a body that needs one fails with a BuildError saying how to cover it."""
+    from packaging.utils import canonicalize_name
+
+    covered = set(toolchain.packages) | _core() | {PROJECT}
+    hidden = {top: owners[0] for top, owners in _owners().items()
+              if top not in sys.modules and top not in sys.stdlib_module_names and top.isidentifier()
+              and not any(canonicalize_name(owner) in covered for owner in owners)}
+    for top in hidden:
+        sys.modules[top] = None  # type: ignore[assignment]
+    try:
+        yield
+    except Exception as exc:
+        needed = sorted({canonicalize_name(hidden[e.name.partition(".")[0]]) for e in causes(exc)
+                         if isinstance(e, ModuleNotFoundError) and e.name and e.name.partition(".")[0] in hidden})
+        if needed:
+            raise BuildError(f"{label}: the build needs {', '.join(needed)}, which its cache key does not cover "
+                             f"(nothing phibuild[{extra}] requires pulls it in), so phibuild hides it. Add it to "
+                             f"the key with [tool.phibuild.key_packages] {toolchain.backend} = "
+                             f"[{', '.join(repr(name) for name in needed)}]") from exc
+        raise
+    finally:
+        for top in hidden:
+            if top in sys.modules and sys.modules[top] is None:
+                del sys.modules[top]
 
 
 def imports_outside(before: set[str], toolchain: Toolchain) -> dict[str, str]:

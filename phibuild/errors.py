@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
 
 
 class PhibuildError(Exception):
@@ -61,3 +62,12 @@ def file_system_error(exc: OSError, doing: str = "") -> FileSystemError:
     message = f"{doing + ': ' if doing else ''}{where + ': ' if where else ''}{said}"
     fix = FIXES.get(exc.errno) if exc.errno is not None else None
     return FileSystemError(f"{message}; {fix}" if fix else message)
+
+
+def causes(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and what caused it, in order (each once, even in a cycle)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__

@@ -6,6 +6,7 @@ The verbs live in modules of their own: ``status`` (is a target fresh), ``build`
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from dataclasses import dataclass
@@ -54,6 +55,33 @@ class Plan:
         return self.parts.key
 
 
+@dataclass(frozen=True)
+class LeftOut:
+    """A model, precision and backend that make no target, and why in a few words."""
+
+    model: str
+    precision: str
+    backend: str
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}-{self.precision}-{self.backend}"
+
+
+def left_out_summary(left_out: list[LeftOut]) -> str:
+    """One short line: each model with its reason per backend, the precisions named only when not all are."""
+    grouped: dict[str, dict[tuple[str, str], list[str]]] = {}
+    for item in left_out:
+        grouped.setdefault(item.model, {}).setdefault((item.backend, item.reason), []).append(item.precision)
+    parts = []
+    for model, reasons in grouped.items():
+        said = "; ".join(f"{backend}{' at ' + ', '.join(precisions) if len(precisions) < 4 else ''}: {reason}"
+                         for (backend, reason), precisions in reasons.items())
+        parts.append(f"{model} ({said})")
+    return "; ".join(parts)
+
+
 def _flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
@@ -83,7 +111,7 @@ class Project:
         self.remote = (Remote(config.remote, config.remote_options, config.remote_timeout,
                               config.remote_transfer_timeout) if config.remote else NoRemote())
         self.environment = Environment(self.store.root / "toolchains.json")
-        self._targets: tuple[list[Target], list[str]] | None = None
+        self._targets: tuple[list[Target], list[LeftOut], list[str]] | None = None
         self._toolchains: dict[str, Toolchain] = {}
 
     @classmethod
@@ -92,21 +120,28 @@ class Project:
 
     # -- targets ---------------------------------------------------------------------------------
 
-    def targets(self) -> tuple[list[Target], list[str]]:
-        """Every buildable target, and a note for each model/backend pair that is left out and why."""
+    def targets(self) -> tuple[list[Target], list[LeftOut]]:
+        """Every buildable target, and each model, precision and backend that is left out and why."""
+        return self._listed()[:2]
+
+    def missing_backends(self) -> list[str]:
+        """Backends the settings ask for that are not installed, with the command that installs each."""
+        return self._listed()[2]
+
+    def _listed(self) -> tuple[list[Target], list[LeftOut], list[str]]:
         if self._targets is None:
             self._targets = self._list_targets()
         return self._targets
 
-    def _list_targets(self) -> tuple[list[Target], list[str]]:
-        found, skipped = [], []
+    def _list_targets(self) -> tuple[list[Target], list[LeftOut], list[str]]:
+        found, skipped, uninstalled = [], [], []
         architectures = {name: self.architecture(self.config.model(name)) for name in self.config.models}
         for backend_name in self.config.backends:
             backend = backends.get(backend_name)
             missing = self.environment.missing(backend.extra)
             if missing:
-                skipped.append(f"{backend_name}: not installed (pip install 'phibuild[{backend.extra}]'; missing "
-                               f"{', '.join(missing)})")
+                uninstalled.append(f"{backend_name} (pip install 'phibuild[{backend.extra}]'; missing "
+                                   f"{', '.join(missing)})")
                 continue
             for model_name in self.config.models:
                 model, arch = self.config.model(model_name), architectures[model_name]
@@ -114,10 +149,10 @@ class Project:
                     params = backend.params(precision, self.config.overrides(backend_name, precision))
                     reason = arch and backend.refuse(arch, precision, params)
                     if reason:
-                        skipped.append(f"{model_name}-{precision}-{backend_name}: {reason}")
+                        skipped.append(LeftOut(model_name, precision, backend_name, reason))
                     else:
                         found.append(Target(model, precision, backend, params))
-        return found, skipped
+        return found, skipped, uninstalled
 
     def target(self, name: str) -> Target:
         """A target by its task name, or a clear error saying why there is none."""
@@ -125,10 +160,13 @@ class Project:
         for target in found:
             if target.name == name:
                 return target
-        for note in skipped:
-            if note.startswith(f"{name}:"):
-                raise UnsupportedError(note)
-        raise PhibuildError(f"no target {name!r}; `doit list --all` shows them")
+        for item in skipped:
+            if item.name == name:
+                backend = backends.get(item.backend)
+                raise UnsupportedError(f"{name}: {backend.title} cannot build it: {item.reason}")
+        close = difflib.get_close_matches(name, [target.name for target in found], n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise PhibuildError(f"no target {name!r}{hint} (`doit list` shows them)")
 
     def architecture(self, model: ModelSpec) -> str | None:
         """Known up front for catalog models, read from config.json for local ones; None if unknown yet."""

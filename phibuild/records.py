@@ -205,14 +205,14 @@ class LockEntry:
     smoke: Smoke
     revision: str | None = None  # the hub commit, for hub models
     intermediate: Pin | None = None
-
+    license: str | None = None  # the source model's, as its card says
     TABLE = {"model": v.Field(v.name), "source": v.Field(v.text), "revision": v.Field(v.commit, required=False),
              "source_digest": v.Field(v.key), "backend": v.Field(v.name), "toolchain": v.Field(v.text),
              "precision": v.Field(v.name), "params": v.Field(v.table_of(v.name, v.scalar)),
              "recipe": v.Field(v.text), "machine": v.Field(v.table_of(v.name, v.text)),
              "trust_remote_code": v.Field(v.boolean, required=False), "key": v.Field(v.key),
              "files": v.Field(FILES), "smoke": v.Field(Smoke.from_dict),
-             "intermediate": v.Field(Pin.from_dict, required=False)}
+             "intermediate": v.Field(Pin.from_dict, required=False), "license": v.Field(v.text, required=False)}
 
     @classmethod
     def from_dict(cls, data: Any, toolchains: dict[str, Toolchain], where: str) -> LockEntry:
@@ -228,7 +228,7 @@ class LockEntry:
         if not got["files"]:
             raise v.Invalid(f"{where} lists no files")
         return cls(got["model"], got["source"], parts, got["key"], got["files"], got["smoke"],
-                   got.get("revision"), got.get("intermediate"))
+                   got.get("revision"), got.get("intermediate"), got.get("license"))
 
     def to_dict(self) -> dict[str, Any]:
         parts = self.parts
@@ -244,6 +244,8 @@ class LockEntry:
             data["revision"] = self.revision
         if self.intermediate:
             data["intermediate"] = self.intermediate.to_dict()
+        if self.license:
+            data["license"] = self.license
         return data
 
     def pinned(self, key: str) -> dict[str, FileDigest] | None:

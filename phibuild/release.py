@@ -12,7 +12,8 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__, validate
+from . import validate
+from .card import model_card
 from .errors import BuildError, DamageError
 from .hashing import hash_file
 from .project import Project
@@ -90,33 +91,3 @@ def release(project: Project, directory: Path) -> Released:
         (staging / "SHA256SUMS").write_text("\n".join(chosen.sums) + "\n")
     return chosen
 
-
-def model_card(name: str, entry: LockEntry) -> str:
-    """A short card: where the model came from, what made it, what it is and how it ran."""
-    parts = entry.parts
-    size = sum(file.size for file in entry.files.values())
-    source = entry.source
-    if entry.revision:
-        source += f" at commit {entry.revision}"
-    versions = ", ".join(f"{package} {version}" for package, version in sorted(parts.toolchain.packages.items()))
-    params = ", ".join(f"{key} = {value}" for key, value in sorted(parts.params.items()))
-    files = "\n".join(f"| `{file}` | {want.size} | `{want.sha256}` |" for file, want in sorted(entry.files.items()))
-    return f"""# {name}
-
-| | |
-|---|---|
-| source model | {entry.model} ({source}) |
-| source digest (xxh3-128 of its files) | `{parts.source}` |
-| backend | {parts.backend} on {parts.toolchain.python}: {versions} |
-| precision | {parts.precision} ({params}) |
-| size | {size} bytes ({size / 2**20:.1f} MiB) |
-| smoke check | {entry.smoke.summary()} |
-| cache key | `{entry.key}` |
-| built by | phibuild {__version__}, recipe {parts.recipe}, on {', '.join(parts.machine.values())} |
-
-| file | bytes | sha256 |
-|---|---|---|
-{files}
-
-Check the files with `sha256sum -c SHA256SUMS` in the release directory.
-"""

@@ -29,6 +29,7 @@ class Source:
     directory: Path
     files: dict[str, str]  # relative posix path -> xxh3-128
     revision: str | None = None  # hub commit, None for local models
+    license: str | None = None  # as the model card says (the hub's card data, or a local README.md's)
 
     @property
     def digest(self) -> str:
@@ -142,7 +143,24 @@ def _check_safetensors(path: Path) -> None:
 
 
 def local_source(spec: ModelSpec, cache: StatCache) -> Source:
-    return Source(spec.path, digest_directory(spec.path, cache, spec.trust_remote_code))
+    license = "mit" if spec.embedded else card_license(spec.path / "README.md")
+    return Source(spec.path, digest_directory(spec.path, cache, spec.trust_remote_code), license=license)
+
+
+def card_license(readme: Path) -> str | None:
+    """The ``license:`` of a Hugging Face model card's YAML front matter, if it has one (read without a YAML
+    parser: the field is one plain line)."""
+    try:
+        text = readme.read_text(errors="replace")
+    except OSError:
+        return None
+    if not text.startswith("---"):
+        return None
+    for line in text.split("\n---", 1)[0].splitlines()[1:]:
+        key, _, value = line.partition(":")
+        if key.strip() == "license" and value.strip():
+            return value.strip().strip("'\"")
+    return None
 
 
 def resolve_revision(spec: ModelSpec) -> str:
@@ -181,7 +199,9 @@ def fetch(spec: ModelSpec, revision: str, cache: StatCache) -> Source:
                 f"({got.size} bytes with sha256 {got.sha256} were downloaded); it was removed from the "
                 "Hugging Face cache: build again to download it anew"
             )
-    return Source(directory, digest_directory(directory, cache, spec.trust_remote_code), revision)
+    license = getattr(info.card_data, "license", None) if info.card_data else None
+    return Source(directory, digest_directory(directory, cache, spec.trust_remote_code), revision,
+                  license if isinstance(license, str) else None)
 
 
 def _hub_failure(spec: ModelSpec, exc: Exception) -> str:

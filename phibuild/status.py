@@ -7,6 +7,7 @@ check every no-op run makes for every target, so it reads no weights: files are 
 
 from __future__ import annotations
 
+from .catalog import download_note
 from .errors import DamageError, PhibuildError
 from .project import Project, Target
 from .records import differing_files
@@ -16,6 +17,8 @@ def status(project: Project, target: Target) -> str | None:
     """None when ``target`` is up to date, else the reason it is not."""
     entry = project.lock.get(target.name)
     if entry is None:
+        if target.model.repo:
+            return f"not built yet; building it downloads {download_note(target.model)}"
         return "not built yet: no entry in artifacts.lock"
     if entry.source != project.origin(target.model):
         return f"model source changed: {entry.source} -> {project.origin(target.model)}"

@@ -32,12 +32,12 @@ from pathlib import Path
 
 from doit.exceptions import InvalidTask, TaskFailed
 
-from . import assemble, build, gc, release, status, verify
+from . import assemble, build, gc, publish, release, status, verify
 from .backends import platform_tag
 from .environment import constraints
 from .errors import PhibuildError, file_system_error
 from .lockfile import Lockfile
-from .project import Project, Target, frozen
+from .project import LeftOut, Project, Target, frozen, left_out_summary
 from .store import sweep, write_file
 
 log = logging.getLogger("phibuild")
@@ -150,7 +150,7 @@ def _settings_errors() -> Iterator[None]:
         raise InvalidTask(f"phibuild: {file_system_error(exc, 'loading the project')}") from None
 
 
-def _loaded(root: Path | None = None) -> tuple[Project, list[Target], list[str]]:
+def _loaded(root: Path | None = None) -> tuple[Project, list[Target], list[LeftOut]]:
     """The project and its targets."""
     with _settings_errors():
         proj = project(root)
@@ -163,11 +163,13 @@ def quantize_tasks(root: Path | None = None) -> Iterator[dict]:
     proj, found, skipped = _loaded(root)
     with _settings_errors():
         _check_environment(proj, found)
+    uninstalled = proj.missing_backends()
     yield {
         "basename": "quantize",
         "name": None,
         "doc": f"Quantize Phi models: {len(found)} targets"
-        + (f"; left out: {'; '.join(skipped)}" if skipped else ""),
+        + (f"; not installed: {', '.join(uninstalled)}" if uninstalled else "")
+        + (f"; left out: {left_out_summary(skipped)}" if skipped else ""),
     }
     root_text = str(proj.root)
     for target in found:
@@ -299,6 +301,20 @@ def _release(root: str) -> None:
              len(done.artifacts), len(done.sums), proj.shown(directory), proj.shown(directory))
 
 
+def task_publish() -> dict:
+    """Push the released artifacts to Hugging Face repositories, one commit each (skipped when already there)."""
+    proj, _, _ = _loaded()
+    return {"actions": [(_publish, [str(proj.root)])], "task_dep": ["release"], "verbosity": 2}
+
+
+@_action
+def _publish(root: str) -> None:
+    proj = project(Path(root))
+    done = publish.publish(proj, proj.root / proj.config.release_dir)
+    committed = sum(1 for item in done if item.commit)
+    log.info("publish: %d artifacts committed, %d already published", committed, len(done) - committed)
+
+
 def task_gc() -> dict:
     """List store entries artifacts.lock does not reference (`doit gc --delete` removes them)."""
     proj, _, _ = _loaded()
@@ -388,14 +404,16 @@ DOIT_CONFIG = {"subtasks": True}  # `doit list` shows every target, not just the
 
 
 def dodo_config(root: Path | None = None) -> dict:
-    """DOIT_CONFIG for a project: its ``default`` targets become doit's default tasks (without
-    any, plain ``doit`` builds every target; verify, release and the rest run only when named).
+    """DOIT_CONFIG for a project: its ``default`` targets become doit's default tasks (without any, plain ``doit``
+    builds every target of the embedded and local models, which need no download; verify, release and the
+    rest run only when named).
 
     A broken ``[tool.phibuild]`` is reported when doit loads the tasks (as "ERROR: ..."), not here,
     where an exception would reach the user as a traceback.
     """
     try:
-        defaults = project(root).config.default
+        proj = project(root)
+        defaults = proj.config.default or [target.name for target in proj.targets()[0] if not target.model.repo]
     except (PhibuildError, OSError):
         defaults = []
     return {**DOIT_CONFIG, "default_tasks": [f"quantize:{name}" for name in defaults] or ["quantize"]}

@@ -7,8 +7,10 @@ start their own.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
+import importlib.util
 import io
 import json
 import os
@@ -17,12 +19,26 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
-from phibuild import hashing, tasks
-from phibuild.catalog import EMBEDDED_DIR
-from phibuild.lockfile import Lockfile
+# The suite writes nothing outside its temporary directories: the toolchains' caches and telemetry (ONNX Runtime's
+# event database under ~/.cache, OpenVINO's ~/intel) go to a home of its own, removed at the end, and ONNX Runtime
+# is told not to collect events at all. Set before any toolchain is imported, and inherited by subprocesses.
+HOME = tempfile.mkdtemp(prefix="phibuild-tests-home-")
+os.environ["HOME"] = HOME
+os.environ["ORT_DISABLE_TELEMETRY"] = "1"
+atexit.register(shutil.rmtree, HOME, ignore_errors=True)
+
+import pytest  # noqa: E402
+from fakehub import FakeHub  # noqa: E402
+
+from phibuild import hashing, tasks  # noqa: E402
+from phibuild.catalog import EMBEDDED_DIR  # noqa: E402
+from phibuild.lockfile import Lockfile  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "<|user|>\nWhat does os.path.join do?<|end|>\n<|assistant|>\n"
@@ -206,3 +222,34 @@ def _float32_model(model_dir: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def use_endpoint(url: str, home: Path, monkeypatch: pytest.MonkeyPatch, **env: str) -> None:
+    """Point huggingface_hub at ``url``, caching under ``home`` (and with ``env`` set), as if the variables had
+    been set before it was imported: it reads them once, into ``huggingface_hub.constants``, so that module is
+    re-run under the new environment and every value that differs is patched into the loaded one."""
+    from huggingface_hub import constants
+
+    for name in ("HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_XET"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "5")  # loopback answers in milliseconds; never wait long
+    monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "5")
+    spec = importlib.util.find_spec("huggingface_hub.constants")
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)
+    for name, value in vars(fresh).items():
+        if not (callable(value) or isinstance(value, ModuleType)) and getattr(constants, name, None) != value:
+            monkeypatch.setattr(constants, name, value)
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    """A fake hub on loopback, which huggingface_hub talks to for the test."""
+    with FakeHub() as server:
+        use_endpoint(server.url, tmp_path / "hf", monkeypatch)
+        yield server

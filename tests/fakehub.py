@@ -6,6 +6,16 @@ call::
     GET        /api/models/{owner}/{name}[/revision/{rev}][?blobs=True]   model info JSON
     HEAD, GET  /{owner}/{name}/resolve/{rev}/{path}                      one file; Range is honoured
 
+and those that ``create_repo`` and ``create_commit`` call, with LFS's basic transfer (the client is told to
+upload over plain HTTP: set ``HF_HUB_DISABLE_XET``)::
+
+    POST       /api/repos/create                                          a new repo, one empty commit
+    POST       /api/validate-yaml                                         a README's front matter, checked
+    POST       /api/models/{owner}/{name}/preupload/{rev}                 regular or LFS, per file
+    POST       /{owner}/{name}.git/info/lfs/objects/batch                 where to PUT each new LFS object
+    PUT        /lfs/{oid}                                                  one LFS object, checked by sha256
+    POST       /api/models/{owner}/{name}/commit/{rev}                    one commit (ndjson), atomically
+
 A branch names a 40-hex commit and each commit holds a whole tree, so a branch can move while old commits
 stay downloadable. LFS files (weights, tokenizer.model) carry their sha256 in ``X-Linked-Etag`` and in the
 ``?blobs=True`` metadata, as on the real hub. No ``X-Xet-*`` header is ever sent, so the client downloads
@@ -15,6 +25,7 @@ a file once, or serve a file corrupted while its metadata still gives the origin
 
 from __future__ import annotations
 
+import base64
 import fnmatch
 import hashlib
 import json
@@ -46,6 +57,26 @@ def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+def card_errors(readme: str) -> list[str]:
+    """What the hub would refuse in a README's YAML front matter (the fields phibuild writes, typed as the hub's
+    schema types them)."""
+    import yaml
+
+    if not readme.startswith("---\n"):
+        return []
+    try:
+        data = yaml.safe_load(readme[4:].split("\n---", 1)[0])
+    except yaml.YAMLError as exc:
+        return [f"not YAML: {exc}"]
+    if not isinstance(data, dict):
+        return ["the metadata must be a mapping"]
+    strings = ("license", "library_name", "pipeline_tag", "base_model", "base_model_relation")
+    errors = [f"{key} must be a string" for key in strings if key in data and not isinstance(data[key], str)]
+    if "tags" in data and not (isinstance(data["tags"], list) and all(isinstance(t, str) for t in data["tags"])):
+        errors.append("tags must be a list of strings")
+    return errors
+
+
 def is_lfs(filename: str) -> bool:
     return any(fnmatch.fnmatch(filename.rsplit("/", 1)[-1], pattern) for pattern in LFS_PATTERNS)
 
@@ -57,6 +88,10 @@ class FakeHub:
         self.commits: dict[str, dict[str, dict[str, bytes]]] = {}  # repo -> commit -> {path: bytes}
         self.branches: dict[str, dict[str, str]] = {}  # repo -> branch -> commit
         self.log: list[Request] = []
+        self.cards: dict[str, dict] = {}  # repo -> card data (license, ...) that model_info reports
+        self.private: dict[str, bool] = {}
+        self.lfs: dict[str, bytes] = {}  # sha256 -> content, uploaded before a commit names it
+        self.refuse_uploads = False  # a fault: every LFS upload gets a 503
         self._drops: dict[tuple[str, str], int] = {}
         self._corrupted: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
@@ -86,6 +121,12 @@ class FakeHub:
         self.commits.setdefault(repo, {})[commit] = dict(files)
         self.branches.setdefault(repo, {})[branch] = commit
         return commit
+
+    def commit_count(self, repo: str) -> int:
+        return len(self.commits.get(repo, {}))
+
+    def files(self, repo: str, revision: str = "main") -> dict[str, bytes]:
+        return dict(self.commits[repo][self._commit(repo, revision)])
 
     def drop_after(self, repo: str, filename: str, nbytes: int) -> None:
         """The next GET of ``filename`` sends ``nbytes`` of its body, then the connection is closed."""
@@ -144,6 +185,78 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self._route(send_body=False)
 
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        parts = [unquote(p) for p in urlsplit(self.path).path.split("/")[1:]]
+        if parts == ["api", "repos", "create"]:
+            self._create(json.loads(body))
+        elif parts == ["api", "validate-yaml"]:
+            errors = card_errors(json.loads(body)["content"])
+            self._json(400 if errors else 200, {"errors": [{"message": e} for e in errors], "warnings": []})
+        elif parts[:2] == ["api", "models"] and len(parts) == 6 and parts[4] == "preupload":
+            files = [{"path": f["path"], "uploadMode": "lfs" if is_lfs(f["path"]) else "regular",
+                      "shouldIgnore": False} for f in json.loads(body)["files"]]
+            self._json(200, {"files": files})
+        elif len(parts) == 6 and parts[1].endswith(".git") and parts[2:] == ["info", "lfs", "objects", "batch"]:
+            objects = [{"oid": o["oid"], "size": o["size"], "authenticated": True,
+                        **({} if o["oid"] in self.hub.lfs else
+                           {"actions": {"upload": {"href": f"{self.hub.url}/lfs/{o['oid']}"}}})}
+                       for o in json.loads(body)["objects"]]
+            self._json(200, {"transfer": "basic", "objects": objects})
+        elif parts[:2] == ["api", "models"] and len(parts) == 6 and parts[4] == "commit":
+            self._commit_ndjson("/".join(parts[2:4]), parts[5], body)
+        else:
+            self._error(404, "NotFound", None, None, None)
+
+    def do_PUT(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        parts = urlsplit(self.path).path.split("/")[1:]
+        if self.hub.refuse_uploads:
+            self._error(503, "ServiceUnavailable", None, None, None)
+        elif len(parts) == 2 and parts[0] == "lfs" and hashlib.sha256(body).hexdigest() == parts[1]:
+            self.hub.lfs[parts[1]] = body
+            self._json(200, {})
+        else:
+            self._error(400, "BadUpload", None, None, None)
+
+    def _create(self, request: dict) -> None:
+        repo = f"{request['organization']}/{request['name']}"
+        if repo in self.hub.commits:
+            return self._json(409, {"error": "You already created this model repo", "url": f"{self.hub.url}/{repo}"})
+        self.hub.push(repo, {".gitattributes": b"*.gguf filter=lfs diff=lfs merge=lfs -text\n"})
+        visibility = request.get("visibility", "private" if request.get("private") else "public")
+        self.hub.private[repo] = visibility == "private"
+        self._json(200, {"url": f"{self.hub.url}/{repo}", "name": repo})
+
+    def _commit_ndjson(self, repo: str, revision: str, body: bytes) -> None:
+        """Apply a commit whole or not at all: every LFS file it names must have been uploaded."""
+        if repo not in self.hub.commits:
+            return self._error(404, "RepoNotFound", repo, revision, None)
+        tree = self.hub.files(repo, revision)
+        for line in body.splitlines():
+            item = json.loads(line)
+            value = item["value"]
+            if item["key"] == "file":
+                tree[value["path"]] = base64.b64decode(value["content"])
+            elif item["key"] == "lfsFile":
+                if value["oid"] not in self.hub.lfs:
+                    return self._error(400, "LfsObjectMissing", repo, revision, value["path"])
+                tree[value["path"]] = self.hub.lfs[value["oid"]]
+            elif item["key"] == "deletedFile":
+                tree.pop(value["path"], None)
+        commit = self.hub.push(repo, tree, revision)
+        self._json(200, {"commitUrl": f"{self.hub.url}/{repo}/commit/{commit}", "commitOid": commit,
+                         "success": True})
+
+    def _json(self, status: int, data: dict) -> None:
+        body = json.dumps(data).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self._log(status, None, None, None, None, len(body))
+
     def log_message(self, format: str, *args: object) -> None:
         """Quiet: FakeHub.log holds every request."""
 
@@ -179,7 +292,8 @@ class _Handler(BaseHTTPRequestHandler):
             siblings.append(sibling)
         info = {"_id": commit[:24], "id": repo, "modelId": repo, "sha": commit, "private": False,
                 "disabled": False, "gated": False, "downloads": 0, "likes": 0, "tags": [],
-                "lastModified": "2026-01-01T00:00:00.000Z", "siblings": siblings}
+                "lastModified": "2026-01-01T00:00:00.000Z", "siblings": siblings,
+                **({"cardData": self.hub.cards[repo]} if repo in self.hub.cards else {})}
         body = json.dumps(info).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime_genai as og
 import pytest
-from conftest import lock_of, prompt_for, reference_logits, run_doit, write_project
+from conftest import HOME, lock_of, prompt_for, reference_logits, run_doit, write_project
 from transformers import AutoTokenizer
 
 from phibuild.catalog import EMBEDDED, EMBEDDED_DIR
@@ -108,6 +108,12 @@ def test_smoke_checks_ran_and_are_recorded(built):
         assert re.fullmatch(r"ok: [1-8] tokens from a Phi chat prompt: '.*'", lock[name]["smoke"]["result"], re.DOTALL)
 
 
+def test_onnx_runtime_writes_no_event_database_when_telemetry_is_off(built):
+    """The opt-out the README names: with ORT_DISABLE_TELEMETRY=1 (set by conftest for the whole suite),
+    building and running these models left no device id or event database under the home directory."""
+    assert not (Path(HOME) / ".cache" / "Microsoft").exists()
+
+
 def test_unsupported_pairs_are_refused_with_the_reason(tmp_path):
     root = write_project(tmp_path, ["phi3-tiny"], ["onnx"], ["fp16"],
                          extra='[tool.phibuild.params.onnx.fp16]\nexecution_provider = "cpu"\n')
@@ -115,5 +121,6 @@ def test_unsupported_pairs_are_refused_with_the_reason(tmp_path):
     with pytest.raises(ConfigError, match=r"onnx at fp16: .* builds fp16 for execution providers cuda, dml, not 'cpu'"):
         project.target("phi3-tiny-fp16-onnx")
     root = write_project(tmp_path / "moe", ["phi35-moe"], ["onnx"], ["int4"])
-    with pytest.raises(UnsupportedError, match="PhiMoE only as int4 for CUDA"):
+    with pytest.raises(UnsupportedError, match=r"its PhiMoE operator is CUDA-only: int4 with "
+                                               r"execution_provider = \"cuda\""):
         Project.load(root).target("phi35-moe-int4-onnx")

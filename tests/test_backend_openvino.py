@@ -254,9 +254,10 @@ def test_phi3_small_is_refused(tmp_path):
         Project.load(root).target("phi3-small-local-int4-openvino")
     found, skipped = Project.load(root).targets()
     assert not found
-    assert any(note.startswith("phi3-small-8k-int4-openvino: ") for note in skipped)  # known without a download
+    assert any(note.name == "phi3-small-8k-int4-openvino" for note in skipped)  # known without a download
     run = run_doit(root, "list")
-    assert run.code == 0 and "left out: phi3-small-local-int4-openvino" in run.output
+    assert run.code == 0 and "left out: phi3-small-local (openvino at int4: " in run.output
+    assert "; phi3-small-8k (openvino at int4: " in run.output
 
 
 @pytest.mark.parametrize(("precision", "override", "message"), [

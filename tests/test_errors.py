@@ -112,8 +112,10 @@ def test_unknown_target_names_the_list_command(tmp_path):
     assert run.code != 0
     assert 'Invalid parameter: "quantize:phi3-tiny-int2-onnx"' in run.output
     assert 'to see available tasks' in run.output
+    assert "Did you mean: quantize:phi3-tiny-int4-onnx" in run.output
     assert_nothing_written(root)
-    with pytest.raises(PhibuildError, match=r"no target 'phi3-tiny-int2-onnx'; `doit list --all` shows them"):
+    with pytest.raises(PhibuildError, match=r"no target 'phi3-tiny-int2-onnx'; did you mean phi3-tiny-int4-onnx\? "
+                                            r"\(`doit list` shows them\)"):
         Project.load(root).target("phi3-tiny-int2-onnx")
 
 

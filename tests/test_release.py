@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from conftest import copy_model, run_doit, write_project
 
 from phibuild import backends
+from phibuild.card import MAIN_PACKAGES
 from phibuild.lockfile import Lockfile
 from phibuild.release import CARD
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """phi3-tiny at int4 through ONNX and GGUF, built once for the module."""
+    """phi3-tiny at int4 through every backend, built once for the module; its model card states a license."""
     root = tmp_path_factory.mktemp("team")
     model = copy_model("phi3-tiny", root / "models" / "a")
-    write_project(root, ["a"], ["onnx", "gguf"], ["int4"], local={"a": model})
+    (model / "README.md").write_text("---\nlicense: apache-2.0\nlanguage: en\n---\n# a\n")
+    write_project(root, ["a"], list(backends.MODULES), ["int4"], local={"a": model})
     assert run_doit(root).code == 0
     return root
 
@@ -72,14 +76,39 @@ def test_release_bundle_checks_with_sha256sum_and_has_model_cards(project):
             copy, stored = release / name / file, project / "build" / name / file
             assert copy.stat().st_ino != stored.stat().st_ino  # a copy: editing it cannot reach the store
         card = (release / name / CARD).read_text()
+        packages = entry.parts.toolchain.packages
         for fact in (entry.source, entry.parts.backend, entry.parts.precision, entry.smoke.result, entry.key,
-                     *(f"{package} {version}" for package, version in entry.parts.toolchain.packages.items())):
+                     *(f"{p} {packages[p]}" for p in MAIN_PACKAGES[entry.parts.backend] if p in packages)):
             assert fact in card, fact
 
     write_project(project, ["a"], ["onnx", "gguf"], ["int4"], local={"a": project / "models" / "a"},
                   extra='release = ["a-int4-gguf"]\n')
     assert run_doit(project, "release").code == 0
     assert sorted(p.name for p in release.iterdir()) == ["SHA256SUMS", "a-int4-gguf"]
+
+
+@pytest.mark.parametrize("backend", list(backends.MODULES))
+def test_model_cards_follow_the_hubs_conventions_and_their_snippet_runs(project, backend, tmp_path):
+    from huggingface_hub import ModelCard
+
+    write_project(project, ["a"], list(backends.MODULES), ["int4"], local={"a": project / "models" / "a"})
+    release = project / "release"
+    if not (release / f"a-int4-{backend}").is_dir():
+        assert run_doit(project, "release").code == 0
+    text = (release / f"a-int4-{backend}" / CARD).read_text()
+    card = ModelCard(text)  # the hub's own parser of the front matter
+    assert card.data.license == "apache-2.0"  # the source's, from its card
+    assert card.data.library_name == {"onnx": "onnxruntime-genai"}.get(backend, backend)
+    assert card.data.pipeline_tag == "text-generation"
+    assert {"phibuild", backend, "int4"} <= set(card.data.tags)
+    for section in ("## How to run it", "## Checks", "## Limitations", "## Files"):
+        assert section in text
+    snippet = text.split("```python\n", 1)[1].split("```", 1)[0]
+    copy = tmp_path / "copy"
+    shutil.copytree(release / f"a-int4-{backend}", copy)
+    ran = subprocess.run([sys.executable, "-c", snippet], cwd=copy, capture_output=True, text=True, timeout=600)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert ran.stdout.strip(), "the snippet generated nothing"
 
 
 def test_gc_lists_then_removes_only_unreferenced_entries(tmp_path):

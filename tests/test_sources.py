@@ -5,17 +5,15 @@ broken download, refusing corrupted weights, and a clear error when the hub can'
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
-from conftest import closed_port, copy_model, run_doit, write_project
+from conftest import closed_port, copy_model, run_doit, use_endpoint, write_project
 from fakehub import FakeHub
 from huggingface_hub import constants
 from safetensors.numpy import save
@@ -37,32 +35,6 @@ NOT_FOR_BUILDS = {
     ".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n",
     "original/consolidated.00.pth": b"\x80\x02 a PyTorch pickle the build never reads",
 }
-
-
-def use_endpoint(url: str, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Point huggingface_hub at ``url``, caching under ``home``, as if the variables had been set before it
-    was imported: it reads them once, into ``huggingface_hub.constants``, so that module is re-run under the
-    new environment and every value that differs is patched into the loaded one."""
-    for name in ("HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_XET"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", url)
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "5")  # loopback answers in milliseconds; never wait long
-    monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "5")
-    spec = importlib.util.find_spec("huggingface_hub.constants")
-    fresh = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fresh)
-    for name, value in vars(fresh).items():
-        if not (callable(value) or isinstance(value, ModuleType)) and getattr(constants, name, None) != value:
-            monkeypatch.setattr(constants, name, value)
-
-
-@pytest.fixture
-def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
-    with FakeHub() as server:
-        use_endpoint(server.url, tmp_path / "hf", monkeypatch)
-        yield server
 
 
 @pytest.fixture

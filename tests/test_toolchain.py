@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO, lock_of, run_doit, write_project
 
 from phibuild.backends import MODULES, get, platform_tag
-from phibuild.environment import Environment
+from phibuild.environment import Environment, imports_outside
 from phibuild.lockfile import Lockfile
 from phibuild.project import Project
 
@@ -33,32 +33,67 @@ def test_a_toolchain_is_the_closure_of_its_backends_extra(tmp_path):
         assert "phibuild" not in toolchain.packages and "pytest" not in toolchain.packages
 
 
-def test_a_build_that_imports_a_distribution_its_key_does_not_cover_fails(tmp_path):
-    """In a fresh process (so that the import is new), a GGUF build that also imports xmltodict, which nothing
-    the gguf extra requires pulls in, fails and names it."""
-    root = write_project(tmp_path, ["phi3-tiny"], ["gguf"], ["fp16"])
-    script = textwrap.dedent(f"""
-        import sys
-        from pathlib import Path
-        from phibuild import tasks
-        from phibuild.backends.gguf import GgufBackend
+BUILD_THAT_IMPORTS = """
+    import sys
+    from pathlib import Path
+    from phibuild import tasks
+    from phibuild.backends.gguf import GgufBackend
 
-        real = GgufBackend.build_intermediate
+    real = GgufBackend.build_intermediate
 
-        def build_intermediate(self, job):
+    def build_intermediate(self, job):
+        {import_}
+        real(self, job)
+
+    GgufBackend.build_intermediate = build_intermediate
+    sys.exit(tasks.run(Path({root!r})))
+"""
+OPTIONAL_IMPORT = """try:
             import xmltodict  # noqa: F401
-            real(self, job)
+            found = "found"
+        except ImportError:
+            found = "none"
+        Path({marker!r}).write_text(found)"""
 
-        GgufBackend.build_intermediate = build_intermediate
-        sys.exit(tasks.run(Path({str(root)!r})))
-    """)
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+
+def build_importing(root, import_: str) -> subprocess.CompletedProcess:
+    """Build ``root`` in a fresh process (so that the import is new), the GGUF conversion running
+    ``import_`` first; xmltodict is installed, and nothing the gguf extra requires pulls it in."""
+    script = textwrap.dedent(BUILD_THAT_IMPORTS.format(import_=import_, root=str(root)))
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+
+
+def test_a_build_that_needs_a_distribution_its_key_does_not_cover_fails_and_names_it(tmp_path):
+    root = write_project(tmp_path, ["phi3-tiny"], ["gguf"], ["fp16"])
+    run = build_importing(root, "import xmltodict  # noqa: F401")
     assert run.returncode != 0, run.stdout + run.stderr
-    assert re.search(r"phi3-tiny-gguf-f16: the build imported xmltodict [\d.]+, which its cache key does not cover",
+    assert re.search(r"phi3-tiny-gguf-f16: the build needs xmltodict, which its cache key does not cover",
                      run.stdout), run.stdout + run.stderr
     assert "[tool.phibuild.key_packages] gguf = ['xmltodict']" in run.stdout
     assert not (root / "artifacts.lock").exists()
     assert not list((root / ".phibuild").glob("objects/*/*"))
+
+
+@pytest.mark.parametrize("covered", [False, True], ids=["uncovered", "in-key_packages"])
+def test_an_optional_import_sees_only_what_the_key_covers(tmp_path, covered):
+    """What a toolchain would pick up because it happens to be installed (httpcore finds trio, tabulate
+    wcwidth) is hidden from the build, so the same key means the same software on every machine."""
+    extra = '[tool.phibuild.key_packages]\ngguf = ["xmltodict"]\n' if covered else ""
+    root = write_project(tmp_path, ["phi3-tiny"], ["gguf"], ["fp16"], extra=extra)
+    marker = tmp_path / "found"
+    run = build_importing(root, OPTIONAL_IMPORT.format(marker=str(marker)))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert marker.read_text() == ("found" if covered else "none")
+    assert ("xmltodict" in lock_of(root)["phi3-tiny-fp16-gguf"]["versions"]) is covered
+
+
+def test_the_check_after_a_build_names_an_import_that_slipped_past():
+    """The net behind the hiding (a namespace package shared with a covered distribution cannot be hidden)."""
+    toolchain = Environment().toolchain("gguf", get("gguf").extra)
+    before = {name for name in sys.modules if name.partition(".")[0] != "xmltodict"}
+    import xmltodict  # noqa: F401
+
+    assert "xmltodict" in imports_outside(before, toolchain)
 
 
 def test_key_packages_extend_a_toolchain(tmp_path):

@@ -30,17 +30,18 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import io
 import logging
+import os
 import platform
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from ..environment import Environment
-from ..errors import BuildError, ConfigError, PhibuildError, file_system_error
+from ..errors import BuildError, ConfigError, PhibuildError, causes, file_system_error
 
 log = logging.getLogger(__name__)
 
@@ -95,27 +96,46 @@ class Smoke:
 
 @contextlib.contextmanager
 def console_kept(failure: str) -> Iterator[None]:
-    """Run a toolchain step with what it prints kept back, and shown (logged) only if it fails, as a
-    BuildError starting with ``failure``; an operating system error keeps its own one-line message."""
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(captured):
+    """Run a toolchain step with everything it prints kept back (Python's streams and the process's file
+    descriptors 1 and 2, where C libraries and progress bars write), and shown only if it fails: a
+    successful build prints phibuild's own lines alone. A failure is a BuildError starting with ``failure``
+    (an operating system error keeps its one-line message; a phibuild error its own)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as kept:
+        saved_fds = os.dup(1), os.dup(2)
+        saved_streams = sys.stdout, sys.stderr
+        os.dup2(kept.fileno(), 1)
+        os.dup2(kept.fileno(), 2)
+        # New streams on the descriptors: a logging handler made during the step keeps writing to them, which
+        # after the step are the terminal's again.
+        sys.stdout = open(1, "w", closefd=False, buffering=1)  # noqa: SIM115
+        sys.stderr = open(2, "w", closefd=False, buffering=1)  # noqa: SIM115
+        try:
             yield
-    except PhibuildError:
-        raise  # already one message (a nested step's)
-    except Exception as exc:
-        if captured.getvalue().strip():
-            log.error("%s", captured.getvalue().rstrip())
-        cause = next((e for e in _chain(exc) if isinstance(e, OSError)), None)
-        if cause is not None:
-            raise file_system_error(cause, failure) from exc
-        raise BuildError(f"{failure}: {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:
+            _restore(saved_fds, saved_streams)
+            kept.seek(0)
+            said = kept.read().decode(errors="replace").strip()
+            if said:
+                log.error("%s", said)
+            if isinstance(exc, PhibuildError):
+                raise
+            cause = next((e for e in causes(exc) if isinstance(e, OSError)), None)
+            if cause is not None:
+                raise file_system_error(cause, failure) from exc
+            raise BuildError(f"{failure}: {type(exc).__name__}: {exc}") from exc
+        else:
+            _restore(saved_fds, saved_streams)
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    while exc is not None:
-        yield exc
-        exc = exc.__cause__ or exc.__context__
+def _restore(fds: tuple[int, int], streams: tuple) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for target, fd in zip((1, 2), fds, strict=True):
+        os.dup2(fd, target)
+        os.close(fd)
+    sys.stdout, sys.stderr = streams
 
 
 def platform_tag() -> str:
@@ -169,11 +189,12 @@ class Backend:
         return None
 
     def refuse(self, architecture: str, precision: str, params: dict[str, Any]) -> str | None:
-        """Why a model of this architecture cannot be built with these (checked) parameters, or None."""
+        """Why a model of this architecture cannot be built with these (checked) parameters, in a few words
+        (``doit list`` gathers them on one line), or None."""
         if architecture in self.unsupported:
-            return f"{self.title} cannot build {architecture}: {self.unsupported[architecture]}"
+            return self.unsupported[architecture]
         if architecture not in self.architectures:
-            return f"{self.title} cannot build {architecture} (it builds {', '.join(sorted(self.architectures))})"
+            return f"{self.title} builds {', '.join(sorted(self.architectures))}, not {architecture}"
         return self.refuse_architecture(architecture, precision, params)
 
     def refuse_architecture(self, architecture: str, precision: str, params: dict[str, Any]) -> str | None:

@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 
 from .. import sources
 from ..errors import BuildError
-from . import SMOKE_MESSAGES, SMOKE_TOKENS, TRANSFORMERS_OPTIONAL, Backend, Job, Smoke, console_kept
+from . import SMOKE_MESSAGES, SMOKE_TOKENS, TRANSFORMERS_OPTIONAL, Backend, Job, Smoke
 
 # The mlx-lm model module each architecture needs (mlx_lm/models/<type>.py).
 MODEL_TYPES = {
@@ -46,8 +46,7 @@ MODEL_TYPES = {
 }
 # Models an mlx-lm release ships but cannot run: model type -> (first release that can, why not).
 BROKEN_BEFORE = {
-    "phi3small": ("0.32.2", "its forward pass masks the dummy token ids on the batch axis, an out-of-bounds "
-                  "write (a segmentation fault on the CPU)"),
+    "phi3small": ("0.32.2", "a segmentation fault: an out-of-bounds write masking dummy token ids"),
 }
 BITS = {"int4": (2, 3, 4, 5, 6), "int8": (8,)}
 GROUP_SIZES = (32, 64, 128)
@@ -90,7 +89,7 @@ class MlxBackend(Backend):
             fixed, why = BROKEN_BEFORE[model_type]
             installed = importlib.metadata.version("mlx-lm")
             if Version(installed) < Version(fixed):
-                return f"mlx-lm {installed} converts {architecture} but cannot run it: {why}; mlx-lm {fixed} fixes it"
+                return f"mlx-lm {installed} cannot run it ({why}; fixed in {fixed})"
         return None
 
     def build(self, job: Job) -> None:
@@ -105,8 +104,7 @@ class MlxBackend(Backend):
             options.update(quantize=True, q_bits=params["bits"], q_group_size=params["group_size"],
                            q_mode=params["mode"], quant_predicate=None if recipe == "none" else recipe)
         try:
-            with console_kept("mlx_lm.convert failed"):
-                convert(hf_path=str(staged), mlx_path=str(converted), **options)
+            convert(hf_path=str(staged), mlx_path=str(converted), **options)
         finally:
             shutil.rmtree(staged, ignore_errors=True)
         try:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BuildError
-from . import SMOKE_MESSAGES, SMOKE_TOKENS, TRANSFORMERS_OPTIONAL, Backend, Job, Smoke, console_kept
+from . import SMOKE_MESSAGES, SMOKE_TOKENS, TRANSFORMERS_OPTIONAL, Backend, Job, Smoke
 from .reference import cos_sin_f32, log_f64, pow_f32
 
 # Which execution providers the builder accepts for each precision (shared/phi-family.md).
@@ -66,7 +66,7 @@ class OnnxBackend(Backend):
 
     def refuse_architecture(self, architecture: str, precision: str, params: dict[str, Any]) -> str | None:
         if architecture == "PhiMoEForCausalLM" and (precision, params["execution_provider"]) != ("int4", "cuda"):
-            return f"{self.title} builds PhiMoE only as int4 for CUDA (its MoE operator is CUDA-only)"
+            return "its PhiMoE operator is CUDA-only: int4 with execution_provider = \"cuda\""
         return None
 
     def build(self, job: Job) -> None:
@@ -81,7 +81,7 @@ class OnnxBackend(Backend):
         options.append(f"hf_remote={_option(job.trust_remote_code)}")
         source, output, cache = str(job.source), str(job.output), job.output.parent / "builder-cache"
         try:
-            with console_kept(f"{self.title} model builder failed"), machine_independent() as calls:
+            with machine_independent() as calls:
                 extra = parse_extra_options(source, source, output, job.precision, provider, str(cache), options)
                 create_model(source, source, output, job.precision, provider, str(cache), **extra)
         finally:

@@ -74,8 +74,8 @@ class OpenvinoBackend(Backend):
         "fp32": {},
     }
 
-    unsupported = {"Phi3SmallForCausalLM": "optimum-intel has no OpenVINO export for Phi-3-small (remote "
-                                           "code); build it with the onnx backend"}
+    unsupported = {"Phi3SmallForCausalLM": "optimum-intel has no OpenVINO export for Phi-3-small (build it with "
+                                           "onnx)"}
 
     def check_params(self, precision: str, params: dict[str, Any]) -> str | None:
         flags = [name for name in ("sym", "all_layers", "awq") if not isinstance(params.get(name, False), bool)]

@@ -38,8 +38,7 @@ class GgufBackend(Backend):
         "fp32": {"type": "F32", "base": "f32"},
     }
 
-    unsupported = {"Phi3SmallForCausalLM": "llama.cpp has no architecture for Phi-3-small (blocksparse "
-                                           "attention, tiktoken tokenizer); build it with the onnx backend"}
+    unsupported = {"Phi3SmallForCausalLM": "llama.cpp has no architecture for Phi-3-small (build it with onnx)"}
 
     def check_params(self, precision: str, params: dict[str, Any]) -> str | None:
         kind, base = params["type"], params["base"]

@@ -1,0 +1,149 @@
+"""Model cards on the Hugging Face hub's conventions, one per released artifact (``MODEL_CARD.md``, published as
+the repository's ``README.md``): YAML front matter the hub reads (base model and revision, license, library, tags,
+pipeline), then where the model came from and what made it, how to run it in its own runtime, what the smoke
+check saw, what to know before relying on it, and every file with its sha256.
+
+Everything comes from the artifact's lock entry, so a card says nothing the lock does not pin.
+"""
+
+from __future__ import annotations
+
+import json
+
+from . import __version__
+from .backends import SMOKE_MESSAGES
+from .records import LockEntry
+
+# The library the hub files each artifact under, and the packages whose versions a reader wants first.
+LIBRARIES = {"onnx": "onnxruntime-genai", "gguf": "gguf", "openvino": "openvino", "mlx": "mlx"}
+MAIN_PACKAGES = {
+    "onnx": ("onnxruntime-genai", "onnxruntime", "onnx", "transformers", "torch"),
+    "gguf": ("llama-cpp-python", "gguf", "numpy"),
+    "openvino": ("openvino", "openvino-tokenizers", "openvino-genai", "nncf", "optimum-intel", "transformers"),
+    "mlx": ("mlx", "mlx-lm", "transformers"),
+}
+QUESTION = SMOKE_MESSAGES[0]["content"]
+RUN = {
+    "onnx": f'''import json
+
+import onnxruntime_genai as og
+
+model = og.Model(".")
+tokenizer = og.Tokenizer(model)
+prompt = tokenizer.apply_chat_template(json.dumps([{{"role": "user", "content": "{QUESTION}"}}]),
+                                       add_generation_prompt=True)
+params = og.GeneratorParams(model)
+params.set_search_options(max_length=256)
+generator = og.Generator(model, params)
+generator.append_tokens(tokenizer.encode(prompt))
+stream = tokenizer.create_stream()
+while not generator.is_done():
+    generator.generate_next_token()
+    print(stream.decode(generator.get_next_tokens()[0]), end="", flush=True)''',
+    "gguf": f'''from llama_cpp import Llama
+
+llm = Llama("model.gguf", n_ctx=4096, verbose=False)
+reply = llm.create_chat_completion(messages=[{{"role": "user", "content": "{QUESTION}"}}], max_tokens=128)
+print(reply["choices"][0]["message"]["content"])''',
+    "openvino": f'''import openvino_genai
+
+pipeline = openvino_genai.LLMPipeline(".", "CPU")
+print(pipeline.generate("{QUESTION}", max_new_tokens=128))''',
+    "mlx": f'''from mlx_lm import generate, load
+
+model, tokenizer = load(".")
+prompt = tokenizer.apply_chat_template([{{"role": "user", "content": "{QUESTION}"}}], add_generation_prompt=True)
+print(generate(model, tokenizer, prompt=prompt, max_tokens=128))''',
+}
+INSTALL = {"onnx": "pip install onnxruntime-genai", "gguf": "pip install llama-cpp-python",
+           "openvino": "pip install openvino-genai", "mlx": "pip install mlx-lm"}
+LIMITATIONS = {
+    "onnx": ["ONNX Runtime GenAI's tokenizer gives each space of a run its own piece where SentencePiece uses one, "
+             "and its decoder keeps SentencePiece's dummy-prefix space.",
+             "fp16 models are built for CUDA or DirectML and do not run on the CPU execution provider."],
+    "gguf": ["llama.cpp ignores Phi's sliding window: Phi-3-mini-4k answers differently from transformers past 2047 "
+             "tokens.", "llama.cpp keeps its KV cache in f16 by default."],
+    "openvino": ["On CPUs with AVX512-BF16, OpenVINO executes in bf16 unless INFERENCE_PRECISION_HINT is f32.",
+                 "OpenVINO's CPU plugin needs AVX2 to run int4 models."],
+    "mlx": ["mlx-lm 0.31 applies LongRoPE's long factors at every position (Phi-3.5, Phi-3-128k, Phi-4-mini): "
+            "within the original context its answers differ from transformers'."],
+}
+
+
+def model_card(name: str, entry: LockEntry) -> str:
+    parts = entry.parts
+    backend = parts.backend
+    size = sum(file.size for file in entry.files.values())
+    repo = entry.source.removeprefix("hf:").split("@")[0] if entry.source.startswith("hf:") else None
+    front = {
+        **({"base_model": repo, "base_model_relation": "quantized"} if repo else {}),
+        **({"base_model_revision": entry.revision} if entry.revision else {}),
+        "license": entry.license or "other",
+        "library_name": LIBRARIES.get(backend, backend),
+        "pipeline_tag": "text-generation",
+        "tags": ["phibuild", backend, parts.precision,
+                 *(str(value) for key, value in sorted(parts.params.items()) if key == "type")],
+    }
+    source = entry.source + (f" at commit `{entry.revision}`" if entry.revision else "")
+    packages = parts.toolchain.packages
+    versions = ", ".join(f"{p} {packages[p]}" for p in MAIN_PACKAGES.get(backend, ()) if p in packages)
+    params = ", ".join(f"`{key} = {json.dumps(value)}`" for key, value in sorted(parts.params.items())) or "none"
+    files = "\n".join(f"| `{file}` | {want.size} | `{want.sha256}` |" for file, want in sorted(entry.files.items()))
+    limits = "\n".join(f"- {text}" for text in LIMITATIONS.get(backend, ()))
+    return f"""---
+{_yaml(front)}---
+
+# {name}
+
+{entry.model} quantized to {parts.precision} for {LIBRARIES.get(backend, backend)} by
+[phibuild](https://github.com/phibuild/phibuild) {__version__}, as a reproducible build: the cache key below is
+the digest of everything that made these bytes, and `doit reproduce` rebuilds them bit for bit.
+
+| | |
+|---|---|
+| source model | {source} |
+| license | {entry.license or "not stated by the source"} |
+| source digest (xxh3-128 of its files) | `{parts.source}` |
+| backend | {backend}: {versions} (the whole toolchain, {len(packages)} packages, is in artifacts.lock) |
+| precision | {parts.precision}: {params} |
+| size | {size} bytes ({size / 2**20:.1f} MiB) |
+| built on | {', '.join(f"{k} {v}" for k, v in sorted(parts.machine.items()))}, {parts.toolchain.python} |
+| cache key | `{entry.key}` (recipe {parts.recipe}) |
+
+## How to run it
+
+In the model's directory, after `{INSTALL.get(backend, "")}`:
+
+```python
+{RUN.get(backend, "")}
+```
+
+## Checks
+
+- Smoke check, in {LIBRARIES.get(backend, backend)}'s runtime, greedy, from a Phi chat prompt: {entry.smoke.summary()}
+
+## Limitations
+
+{limits}
+- A quantized model answers less faithfully than the model it came from; compare it on your own prompts.
+
+## Files
+
+| file | bytes | sha256 |
+|---|---|---|
+{files}
+
+Check them with `sha256sum -c SHA256SUMS` in the release directory.
+"""
+
+
+def _yaml(data: dict) -> str:
+    """The small YAML subset the front matter needs: strings and lists of strings, quoted as JSON (valid YAML)."""
+    lines = []
+    for key, value in data.items():
+        if isinstance(value, list):
+            lines.append(f"{key}:")
+            lines += [f"- {json.dumps(item)}" for item in value]
+        else:
+            lines.append(f"{key}: {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
