@@ -146,16 +146,17 @@ def quiet(function: Callable[[], object]) -> Callable[[], object]:
 
 
 def write_project(root: Path, models: Sequence[str], backends: Sequence[str], precisions: Sequence[str],
-                  local: dict[str, Path] | None = None) -> Path:
+                  local: dict[str, Path] | None = None, settings: dict[str, str] | None = None) -> Path:
     """A project directory (``pyproject.toml`` and ``dodo.py``) building these models, backends and precisions.
 
     ``local`` maps model names to checkpoint directories; an embedded model's name may be mapped to a copy of
     its files, which has the same content and hence the same cache keys, and can be touched without touching
-    the installed package.
+    the installed package. ``settings``: more ``[tool.phibuild]`` keys (a shared ``store``, say).
     """
     root.mkdir(parents=True, exist_ok=True)
     text = (f"[tool.phibuild]\nmodels = {json.dumps(list(models))}\nbackends = {json.dumps(list(backends))}\n"
             f"precisions = {json.dumps(list(precisions))}\n")
+    text += "".join(f"{key} = {json.dumps(value)}\n" for key, value in (settings or {}).items())
     for name, path in (local or {}).items():
         text += f"\n[tool.phibuild.model.{name}]\npath = {json.dumps(str(path))}\n"
     (root / "pyproject.toml").write_text(text)
@@ -239,9 +240,12 @@ def timed_doit(root: Path, *args: str) -> TimedBuild:
 
 
 def installed_backends() -> list[str]:
+    """The backends whose extra is installed here (what a project's default ``backends`` builds)."""
     from phibuild import backends
+    from phibuild.environment import Environment
 
-    return [name for name in BACKENDS if backends.get(name).installed()]
+    environment = Environment()
+    return [name for name in BACKENDS if not environment.missing(backends.get(name).extra)]
 
 
 def selection(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,9 @@ alone). Beside it: a generated dodo.py with one task per target (file_dep on the
 checker, a small target file each) and a dvc.yaml with one stage per target (the same deps, one out each).
 
 2. No-op: each tool run as a user runs it, with nothing changed; phibuild's run is repeated in this process to count
-   the bytes it hashed (hashing.bytes_read), and under strace, if installed, to count opens of the weights.
+   the bytes it hashed (hashing.bytes_read), and under strace, if installed, to count opens of the weights. A twin
+   project configures the catalog's hub models too, as phibuild's defaults do: doit loads their tasks on every
+   run, and builds only the embedded copies' (the default targets), from the same store and lock.
 3. After `touch` on the weights (content unchanged): each tool's first run after a fresh touch, then a second run.
 
     python bench/noop.py [--project DIR] [--dvc dvc] [--repeat 5] [--models ...] [--backends ...]
@@ -43,6 +45,7 @@ from benchlib import (
 )
 
 from phibuild.backends import PRECISIONS
+from phibuild.catalog import HUB
 from phibuild.hashing import RACY_SECONDS, RECENT_SECONDS, hash_file
 from phibuild.project import Project
 from phibuild.sources import source_files
@@ -81,6 +84,13 @@ class Matrix:
         self.files = {name: [str(path) for path in source_files(directory)] for name, directory in copies.items()}
         self.weights = sorted(path for directory in copies.values() for path in directory.glob("*.safetensors"))
         self.commands = {"phibuild: doit": doit(root)}
+        self.hub_dir = root / "with-hub"
+        write_project(self.hub_dir, [*models, *HUB], backends, PRECISIONS,
+                      local={name: Path("..") / "models" / name for name in models},
+                      settings={"store": "../.phibuild"})  # its own lock: its sources' paths differ
+        listed = len(Project.load(self.hub_dir).targets()[0])
+        self.hub_command = f"phibuild: doit, hub models configured too ({listed} targets)"
+        self.commands[self.hub_command] = doit(self.hub_dir)
         self.md5_dir = root / "doit-md5"
         self.md5_dir.mkdir(exist_ok=True)
         (self.md5_dir / "dodo.py").write_text(MD5_DODO.format(targets=json.dumps(self.targets, indent=4),
@@ -95,6 +105,7 @@ class Matrix:
         """Build everything once (a no-op when the project was built before)."""
         started = time.perf_counter()
         run(self.commands["phibuild: doit"])
+        run(self.commands[self.hub_command])  # restores the same artifacts from the store into its build/
         # doit records a file's new mtime only when its task runs: after a touch (a previous run of this script),
         # every later run would hash it again. Start the twin from a recorded state.
         run([str(BIN / "doit"), "forget", "--all", *self.md5_options])

@@ -71,6 +71,7 @@ LIMITATIONS = {
 
 
 def model_card(name: str, entry: LockEntry) -> str:
+    """The card of artifact ``name``, in Markdown with the hub's YAML front matter."""
     parts = entry.parts
     backend = parts.backend
     size = sum(file.size for file in entry.files.values())

@@ -46,7 +46,8 @@ class Environment:
 
     def __init__(self, cache: Path | None = None):
         self.cache = cache
-        self._known: dict[str, dict[str, Any]] | None = None  # {"closures": {extra: ...}, "probes": {name: ...}}
+        # {"closures": {extra: ...}, "optional": {[extra, optional]: packages}, "probes": {name: ...}}
+        self._known: dict[str, dict[str, Any]] | None = None
 
     def toolchain(self, backend: str, extra: str, optional: tuple[str, ...] = ()) -> Toolchain:
         """The toolchain of ``backend``: the closure of ``phibuild[extra]``, and of those of ``optional`` that
@@ -55,11 +56,14 @@ class Environment:
         closure = self._closure(extra)
         if closure["missing"]:
             raise LookupError(", ".join(closure["missing"]))
-        packages = dict(closure["packages"])
-        if optional:
+        with_optional = self._table("optional")
+        cached = json.dumps([extra, sorted(optional)])
+        if cached not in with_optional:
             installed = _installed()
-            packages.update(_walk([(name, ()) for name in optional if name in installed], installed)[0])
-        return Toolchain(backend, python(), dict(sorted(packages.items())))
+            found = _walk([(name, ()) for name in optional if name in installed], installed)[0]
+            with_optional[cached] = dict(sorted({**closure["packages"], **found}.items()))
+            self._save()
+        return Toolchain(backend, python(), dict(with_optional[cached]))
 
     def probe(self, name: str, signature: list, compute) -> str:
         """``compute()``, a fact about the installed software that is costly to find out (a fingerprint),
@@ -100,7 +104,7 @@ class Environment:
             return {}
         if not isinstance(data, dict) or data.get("signature") != _signature():
             return {}
-        return {name: data[name] for name in ("closures", "probes") if isinstance(data.get(name), dict)}
+        return {name: data[name] for name in ("closures", "optional", "probes") if isinstance(data.get(name), dict)}
 
     def _save(self) -> None:
         """Best effort: a store this user cannot write computes the closures again next time."""
@@ -114,12 +118,14 @@ class Environment:
 
 
 def _signature() -> list:
-    """What the installed set depends on: the interpreter and the directories on sys.path, by mtime."""
+    """What the installed set depends on: the interpreter and, by mtime, the directories on sys.path that hold
+    distributions (site-packages; installing or removing one changes it). Others are left out: the project's
+    own directory, which doit puts on sys.path, changes with every run's .doit.db."""
     dirs = []
     for entry in sys.path:
-        with contextlib.suppress(OSError):
-            if os.path.isdir(entry):
-                dirs.append([entry, os.stat(entry).st_mtime_ns])
+        with contextlib.suppress(OSError), os.scandir(entry or ".") as children:
+            if any(child.name.endswith((".dist-info", ".egg-info")) for child in children):
+                dirs.append([entry, os.stat(entry or ".").st_mtime_ns])
     return [CACHE_FORMAT, sys.executable, sys.version, dirs]
 
 

@@ -32,6 +32,7 @@ class Published:
 
 
 def publish(project: Project, release_dir: Path) -> list[Published]:
+    """Push each artifact of ``release_dir`` (checked against its SHA256SUMS) to its repository, one commit each."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     settings = project.config.publish

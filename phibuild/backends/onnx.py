@@ -17,7 +17,6 @@ from typing import Any
 
 from ..errors import BuildError
 from . import SMOKE_MESSAGES, SMOKE_TOKENS, TRANSFORMERS_OPTIONAL, Backend, Job, Smoke
-from .reference import cos_sin_f32, log_f64, pow_f32
 
 # Which execution providers the builder accepts for each precision (shared/phi-family.md).
 PROVIDERS = {
@@ -132,6 +131,8 @@ def machine_independent() -> Iterator[list[int]]:
     import onnxruntime_genai
     import torch
     from onnxruntime_genai.models import builder
+
+    from .reference import cos_sin_f32, log_f64, pow_f32  # here: numpy is not imported to list tasks
 
     # builder.py imports its classes as the top-level package `builders` (models/ is put on sys.path), so
     # the class create_model uses is found through the model classes it imports, not by module name.

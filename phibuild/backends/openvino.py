@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BuildError, file_system_error
 from . import SMOKE_MESSAGES, SMOKE_TOKENS, TRANSFORMERS_OPTIONAL, Backend, Job, Smoke
-from .reference import pow_f32
 
 if TYPE_CHECKING:
     from optimum.intel import OVWeightQuantizationConfig
@@ -216,6 +215,8 @@ def _reference_rope() -> Iterator[None]:
     scalar kernels. LongRoPE models rebuild their frequencies in the graph, which OpenVINO folds exactly."""
     import torch
     from transformers.models.phi3 import modeling_phi3
+
+    from .reference import pow_f32  # here: numpy is not imported to list tasks
 
     rotary = modeling_phi3.Phi3RotaryEmbedding
     original = rotary.__dict__["compute_default_rope_parameters"]
