@@ -3,8 +3,8 @@
 A backend's toolchain is the requirement closure of its pip extra (``phibuild[onnx]`` and everything that
 pulls in, with extras and markers evaluated here), with the exact installed version of each distribution,
 and the interpreter. All of it enters the backend's cache key. Walking the installed metadata costs a few
-hundred milliseconds, so the result is kept in the store, valid while no directory on ``sys.path`` changes
-(installing or removing a distribution changes its site-packages directory).
+hundred milliseconds, so the result is kept in the store, valid while no directory on ``sys.path`` that holds
+distributions changes (installing or removing one changes its site-packages directory).
 
 A build sees only what its key covers: ``covered_only`` hides every other installed distribution while a
 backend runs, the way ``sys.modules[name] = None`` hides a module, so an optional import (httpcore looking

@@ -96,6 +96,23 @@ def test_the_check_after_a_build_names_an_import_that_slipped_past():
     assert "xmltodict" in imports_outside(before, toolchain)
 
 
+def test_the_toolchain_cache_holds_across_runs_that_change_the_project_directory(tmp_path, monkeypatch):
+    """A no-op must not re-read every distribution's metadata: doit puts the project directory on sys.path and
+    each run's .doit.db changes its mtime, which must not make the cached toolchains stale."""
+    from phibuild import environment
+
+    cache = tmp_path / ".phibuild" / "toolchains.json"
+    monkeypatch.syspath_prepend(str(tmp_path))
+    first = Environment(cache).toolchain("gguf", get("gguf").extra, ("xmltodict",))
+    (tmp_path / ".doit.db").write_text("a later run")
+
+    def walk(*args):
+        raise AssertionError("the toolchain was computed again")
+
+    monkeypatch.setattr(environment, "_walk", walk)
+    assert Environment(cache).toolchain("gguf", get("gguf").extra, ("xmltodict",)) == first
+
+
 def test_key_packages_extend_a_toolchain(tmp_path):
     extended = write_project(tmp_path / "extended", ["phi3-tiny"], ["gguf"], ["fp16"],
                              extra='[tool.phibuild.key_packages]\ngguf = ["xmltodict"]\n')
