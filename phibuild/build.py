@@ -26,7 +26,7 @@ from pathlib import Path
 
 from . import sources
 from .backends import Job, console_kept
-from .environment import covered_only, imports_outside
+from .environment import covered_only, imports_outside, not_covered
 from .errors import BuildError, LockError, UnsupportedError
 from .hashing import FileDigest, digest_files
 from .project import Plan, Project, Target, frozen, repin, restore_only
@@ -222,11 +222,8 @@ def _check_imports(before: set[str], plan: Plan, label: str) -> None:
     outside = imports_outside(before, plan.parts.toolchain)
     if outside:
         found = ", ".join(f"{name} {version}" for name, version in sorted(outside.items()))
-        backend = plan.target.backend.name
-        raise BuildError(f"{label}: the build imported {found}, which its cache key does not cover (nothing "
-                         f"phibuild[{plan.target.backend.extra}] requires pulls it in). Add it to the key with "
-                         f"[tool.phibuild.key_packages] {backend} = [{', '.join(repr(n) for n in outside)}], "
-                         "or uninstall it")
+        raise not_covered(label, f"imported {found}", sorted(outside), plan.parts.toolchain,
+                          plan.target.backend.extra, "so its bytes may depend on it")
 
 
 def _differ_from_lock(label: str, key: str, pinned: dict[str, FileDigest], files: dict[str, FileDigest]) -> None:

@@ -228,15 +228,20 @@ def covered_only(toolchain: Toolchain, label: str, extra: str) -> Iterator[None]
         needed = sorted({canonicalize_name(hidden[e.name.partition(".")[0]]) for e in causes(exc)
                          if isinstance(e, ModuleNotFoundError) and e.name and e.name.partition(".")[0] in hidden})
         if needed:
-            raise BuildError(f"{label}: the build needs {', '.join(needed)}, which its cache key does not cover "
-                             f"(nothing phibuild[{extra}] requires pulls it in), so phibuild hides it. Add it to "
-                             f"the key with [tool.phibuild.key_packages] {toolchain.backend} = "
-                             f"[{', '.join(repr(name) for name in needed)}]") from exc
+            raise not_covered(label, f"needs {', '.join(needed)}", needed, toolchain, extra,
+                              "so phibuild hides it") from exc
         raise
     finally:
         for top in hidden:
             if top in sys.modules and sys.modules[top] is None:
                 del sys.modules[top]
+
+
+def not_covered(label: str, what: str, names: list[str], toolchain: Toolchain, extra: str, then: str) -> BuildError:
+    """The one message for a build and distributions ``names`` its key does not cover: how to cover them."""
+    return BuildError(f"{label}: the build {what}, which its cache key does not cover (nothing phibuild[{extra}] "
+                      f"requires pulls it in), {then}. Add it to the key with [tool.phibuild.key_packages] "
+                      f"{toolchain.backend} = [{', '.join(repr(name) for name in names)}]")
 
 
 def imports_outside(before: set[str], toolchain: Toolchain) -> dict[str, str]:
