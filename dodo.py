@@ -7,6 +7,7 @@ from phibuild.tasks import (  # noqa: F401
     dodo_config,
     task_assemble,
     task_constraints,
+    task_fidelity,
     task_gc,
     task_publish,
     task_quantize,

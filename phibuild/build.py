@@ -186,14 +186,14 @@ def rebuild(project: Project, target: Target) -> dict[str, FileDigest]:
 
 def lock_entry(project: Project, plan: Plan, entry: Entry, locked: LockEntry | None) -> LockEntry:
     """The lock entry for ``entry``. Where the lock already pins these files under this key, its record of
-    the smoke check stands: the artifact is the one that was checked."""
+    the smoke check stands, and its fidelity record: the artifact is the one that was checked and measured."""
     target = plan.target
-    smoke = entry.manifest.smoke
+    smoke, fidelity = entry.manifest.smoke, None
     if locked is not None and locked.key == entry.key and locked.files == entry.files:
-        smoke = locked.smoke
+        smoke, fidelity = locked.smoke, locked.fidelity
     license = plan.source.license if plan.source else locked.license if locked else None
     return LockEntry(target.model.name, project.origin(target.model), plan.parts, entry.key, entry.files, smoke,
-                     plan.revision, entry.manifest.intermediate, license)
+                     plan.revision, entry.manifest.intermediate, license, fidelity)
 
 
 def _job(plan: Plan, output: Path, intermediate: Path | None = None) -> Job:

@@ -122,6 +122,7 @@ In the model's directory, after `{INSTALL.get(backend, "")}`:
 ## Checks
 
 - Smoke check, in {LIBRARIES.get(backend, backend)}'s runtime, greedy, from a Phi chat prompt: {entry.smoke.summary()}
+- Fidelity against the source model in float32 transformers, over held-out text: {_fidelity(entry)}
 
 ## Limitations
 
@@ -136,6 +137,17 @@ In the model's directory, after `{INSTALL.get(backend, "")}`:
 
 Check them with `sha256sum -c SHA256SUMS` in the release directory.
 """
+
+
+def _fidelity(entry: LockEntry) -> str:
+    """The fidelity figures, and what they mean."""
+    if entry.fidelity is None:
+        return "not measured (`doit fidelity` measures it)"
+    if entry.fidelity.not_run is not None:
+        return entry.fidelity.summary()
+    return (f"{entry.fidelity.summary()}. KL is how far this model's next-token distribution is from the "
+            "source's, averaged over positions (0 is identical; each quarter of a window is shown, so that an error "
+            "growing with position shows); top-1 is how often both pick the same most likely token.")
 
 
 def _yaml(data: dict) -> str:

@@ -32,6 +32,15 @@ Every key is optional::
     # repo = "me/my-phi"  revision = "main"         # ...or a Hugging Face repo
     # trust_remote_code = true                      # let the toolchains run the model's own *.py code
 
+    eval_text = "eval/my-text.txt"                  # the fidelity step's evaluation text (default: the one
+                                                    # shipped in phibuild/eval, disjoint from the corpus)
+    eval_windows = 2                                # windows of eval_length tokens each: the KL's standard
+    eval_length = 1024                              # error shrinks, and the cost grows, with their product
+
+    [tool.phibuild.gates.int4]                      # fidelity thresholds per precision (defaults: GATES)
+    kl = 0.05                                       # mean KL(reference || artifact), nats per token, at most
+    top1 = 0.85                                     # top-1 agreement with the reference, at least
+
     [tool.phibuild.params.onnx]                     # parameters for every precision of a backend
     accuracy_level = 4
     [tool.phibuild.params.onnx.int4]                # and for one precision
@@ -129,6 +138,33 @@ def _choices(allowed: tuple[str, ...], what: str):
     return check
 
 
+# Fidelity gates per precision: a measured artifact past one fails its fidelity task. Set from the embedded
+# models' measured figures (README, "Fidelity"), with room for other CPUs' kernels and runtime defaults (bf16
+# execution where the CPU has it); a broken quantization is orders of magnitude past them.
+GATES = {
+    "fp32": {"kl": 1e-3, "top1": 0.98},
+    "fp16": {"kl": 3e-3, "top1": 0.97},
+    "int8": {"kl": 1e-2, "top1": 0.95},
+    "int4": {"kl": 0.1, "top1": 0.8},
+}
+GATE_FIELDS = {"kl": v.Field(v.number, required=False), "top1": v.Field(v.number, required=False)}
+
+
+def _gates(value: Any, where: str) -> dict[str, dict[str, float]]:
+    checked = {}
+    for precision, table in v.tables(value, where).items():
+        context = f"[tool.phibuild.gates.{precision}]"
+        _known(precision, list(backends.PRECISIONS), "precision", context)
+        checked[precision] = v.fields(table, GATE_FIELDS, context)
+    return checked
+
+
+def _positive(value: Any, where: str) -> int:
+    if v.count(value, where) < 1:
+        raise v.Invalid(f"{where} must be at least 1")
+    return value
+
+
 PUBLISH_FIELDS = {"repo": v.Field(v.text), "private": v.Field(v.boolean, required=False)}
 FIELDS = {
     "models": v.Field(v.name_list, required=False),
@@ -148,6 +184,10 @@ FIELDS = {
     "remote_transfer_timeout": v.Field(v.seconds, required=False),
     "key_packages": v.Field(v.table_of(v.name, v.name_list), required=False),
     "publish": v.Field(lambda value, where: v.fields(value, PUBLISH_FIELDS, where), required=False),
+    "eval_text": v.Field(_path, required=False),
+    "eval_windows": v.Field(_positive, required=False),
+    "eval_length": v.Field(_positive, required=False),
+    "gates": v.Field(_gates, required=False),
 }
 
 
@@ -171,6 +211,21 @@ class Config:
     release_dir: Path = Path("release")
     key_packages: dict[str, list[str]] = field(default_factory=dict)
     publish: dict[str, Any] = field(default_factory=dict)  # repo pattern, private
+    eval_text: Path | None = None  # None: the evaluation text shipped with phibuild
+    eval_windows: int = 2
+    eval_length: int = 1024
+    gates: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def eval_settings(self) -> tuple[Path, int, int]:
+        """The fidelity step's evaluation text, and how many windows of how many tokens it is cut into."""
+        from .fidelity import EVAL_TEXT
+
+        text = self.root / self.eval_text if self.eval_text else EVAL_TEXT
+        return text, self.eval_windows, self.eval_length
+
+    def gate(self, precision: str) -> dict[str, float]:
+        """The fidelity thresholds for ``precision``: the defaults, with the project's on top."""
+        return {**GATES[precision], **self.gates.get(precision, {})}
 
     def model(self, name: str) -> ModelSpec:
         return lookup(name, self.custom_models)

@@ -1,4 +1,5 @@
-"""``doit gc``: the store entries no lock entry references (artifacts and their intermediates), and entries
+"""``doit gc``: the store entries no lock entry references (artifacts, their intermediates, fidelity references and
+measurements), and entries
 whose manifest is damaged, with their sizes."""
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ class Garbage:
 def garbage(project: Project) -> list[Garbage]:
     lock = project.lock.read().artifacts.values()
     referenced = {entry.key for entry in lock} | {entry.intermediate.key for entry in lock if entry.intermediate}
+    referenced |= {key for entry in lock if entry.fidelity for key in (entry.fidelity.reference,
+                                                                       entry.fidelity.measurement)}
     entries, damaged = project.store.entries()
     found = [Garbage(entry.directory, entry.manifest.label, sum(f.size for f in entry.files.values()))
              for entry in entries if entry.key not in referenced]

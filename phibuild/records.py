@@ -16,6 +16,8 @@ from .hashing import FileDigest, digest_json
 
 FILES = v.table_of(v.relative_path, FileDigest.from_dict)
 INTERMEDIATE = "intermediate"  # the precision of a backend's shared first step
+REFERENCE = "reference"  # the precision of a source model's reference logits (fidelity.py)
+MEASUREMENT = "fidelity"  # the precision of an artifact's fidelity measurement (fidelity.py)
 
 
 def files_to_dict(files: dict[str, FileDigest]) -> dict[str, dict]:
@@ -151,14 +153,15 @@ class Manifest:
             raise v.Invalid(f"{where}: its key components digest to {manifest.parts.key}, not to its key")
         if not manifest.files:
             raise v.Invalid(f"{where} lists no files")
-        if (manifest.smoke is None) != manifest.is_intermediate:
-            raise v.Invalid(f"{where}: an artifact records its smoke check, an intermediate none")
+        if (manifest.smoke is None) == manifest.is_artifact:
+            raise v.Invalid(f"{where}: an artifact records its smoke check, an intermediate or measurement none")
         return manifest
 
     @property
-    def is_intermediate(self) -> bool:
-        """A backend's shared first step (GGUF: the conversion), which no smoke check runs on."""
-        return self.parts.precision == INTERMEDIATE
+    def is_artifact(self) -> bool:
+        """An artifact, as opposed to a backend's shared first step (GGUF: the conversion) or a fidelity
+        reference or measurement, which no smoke check runs on."""
+        return self.parts.precision not in (INTERMEDIATE, REFERENCE, MEASUREMENT)
 
     def to_dict(self) -> dict[str, Any]:
         data = {"key": self.key, "label": self.label, "parts": self.parts.to_dict(),
@@ -194,6 +197,56 @@ class Pin:
 
 
 @dataclass(frozen=True)
+class Fidelity:
+    """An artifact's quality against its FP32 source, measured in its own runtime (fidelity.py), as the lock
+    records it: three significant digits, so that the figures read the same wherever they are shown.
+
+    ``not_run`` says why the runtime could not run here (a CUDA-only build), and then no figure is given.
+    """
+
+    reference: str  # key of the source model's reference logits
+    measurement: str  # key of the measurement, in the store
+    runtime: str  # the runtime and the settings it ran with (its defaults, as users get them)
+    tokens: int = 0  # positions compared
+    kl: float = 0.0  # mean KL(reference || artifact), nats per token
+    kl_se: float = 0.0  # its standard error
+    kl_early: float = 0.0  # mean KL over the first quarter of each window's positions
+    kl_late: float = 0.0  # and over the last quarter: a growing error shows here
+    top1: float = 0.0  # share of positions whose most likely next token agrees with the reference's
+    ppl: float = 0.0  # perplexity of the evaluation text under the artifact
+    ppl_reference: float = 0.0  # and under the reference
+    prefill_tps: float = 0.0  # tokens/s of the evaluation on the machine that measured it (informational)
+    not_run: str | None = None
+
+    FIGURES = ("kl", "kl_se", "kl_early", "kl_late", "top1", "ppl", "ppl_reference", "prefill_tps")
+    TABLE = {"reference": v.Field(v.key), "measurement": v.Field(v.key), "runtime": v.Field(v.text),
+             "tokens": v.Field(v.count, required=False), "not_run": v.Field(v.text, required=False),
+             **{figure: v.Field(v.number, required=False) for figure in FIGURES}}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> Fidelity:
+        got = v.fields(data, cls.TABLE, where)
+        if ("not_run" in got) == ("kl" in got):
+            raise v.Invalid(f"{where}: a fidelity record has either its figures or the reason they are missing")
+        return cls(**got)
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"reference": self.reference, "measurement": self.measurement,
+                                "runtime": self.runtime}
+        if self.not_run is not None:
+            return {**data, "not_run": self.not_run}
+        return {**data, "tokens": self.tokens, **{figure: getattr(self, figure) for figure in self.FIGURES}}
+
+    def summary(self) -> str:
+        """One line: what ``doit info`` and the task print."""
+        if self.not_run is not None:
+            return f"not measured: {self.not_run}"
+        return (f"KL {self.kl:.3g} ± {self.kl_se:.2g} nats/token (first quarter {self.kl_early:.3g}, last "
+                f"{self.kl_late:.3g}), top-1 {self.top1:.1%}, perplexity {self.ppl:.4g} (reference "
+                f"{self.ppl_reference:.4g}) over {self.tokens} tokens in {self.runtime}")
+
+
+@dataclass(frozen=True)
 class LockEntry:
     """One artifact as artifacts.lock pins it. Its key components are stored flat, the toolchain by id."""
 
@@ -206,13 +259,15 @@ class LockEntry:
     revision: str | None = None  # the hub commit, for hub models
     intermediate: Pin | None = None
     license: str | None = None  # the source model's, as its card says
+    fidelity: Fidelity | None = None  # the artifact's measured quality, once measured
     TABLE = {"model": v.Field(v.name), "source": v.Field(v.text), "revision": v.Field(v.commit, required=False),
              "source_digest": v.Field(v.key), "backend": v.Field(v.name), "toolchain": v.Field(v.text),
              "precision": v.Field(v.name), "params": v.Field(v.table_of(v.name, v.scalar)),
              "recipe": v.Field(v.text), "machine": v.Field(v.table_of(v.name, v.text)),
              "trust_remote_code": v.Field(v.boolean, required=False), "key": v.Field(v.key),
              "files": v.Field(FILES), "smoke": v.Field(Smoke.from_dict),
-             "intermediate": v.Field(Pin.from_dict, required=False), "license": v.Field(v.text, required=False)}
+             "intermediate": v.Field(Pin.from_dict, required=False), "license": v.Field(v.text, required=False),
+             "fidelity": v.Field(Fidelity.from_dict, required=False)}
 
     @classmethod
     def from_dict(cls, data: Any, toolchains: dict[str, Toolchain], where: str) -> LockEntry:
@@ -228,7 +283,7 @@ class LockEntry:
         if not got["files"]:
             raise v.Invalid(f"{where} lists no files")
         return cls(got["model"], got["source"], parts, got["key"], got["files"], got["smoke"],
-                   got.get("revision"), got.get("intermediate"), got.get("license"))
+                   got.get("revision"), got.get("intermediate"), got.get("license"), got.get("fidelity"))
 
     def to_dict(self) -> dict[str, Any]:
         parts = self.parts
@@ -246,6 +301,8 @@ class LockEntry:
             data["intermediate"] = self.intermediate.to_dict()
         if self.license:
             data["license"] = self.license
+        if self.fidelity:
+            data["fidelity"] = self.fidelity.to_dict()
         return data
 
     def pinned(self, key: str) -> dict[str, FileDigest] | None:

@@ -1,12 +1,12 @@
-"""doit tasks, as plain task dictionaries: one ``quantize:<model>-<precision>-<backend>`` per target, and
-``verify``, ``reproduce:<target>``, ``release``, ``gc``, ``assemble`` and ``constraints`` over what
-artifacts.lock pins.
+"""doit tasks, as plain task dictionaries: one ``quantize:<model>-<precision>-<backend>`` per target, one
+``fidelity:<target>`` measuring it against its source (after quantizing it), and ``verify``,
+``reproduce:<target>``, ``release``, ``gc``, ``assemble`` and ``constraints`` over what artifacts.lock pins.
 
 Use from a ``dodo.py``::
 
     from phibuild.tasks import (  # noqa: F401
-        dodo_config, task_assemble, task_constraints, task_gc, task_quantize, task_release, task_reproduce,
-        task_verify,
+        dodo_config, task_assemble, task_constraints, task_fidelity, task_gc, task_quantize, task_release,
+        task_reproduce, task_verify,
     )
 
     DOIT_CONFIG = dodo_config()
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from doit.exceptions import InvalidTask, TaskFailed
 
-from . import assemble, build, gc, publish, release, status, verify
+from . import assemble, build, fidelity, gc, publish, release, status, verify
 from .backends import platform_tag
 from .environment import constraints
 from .errors import PhibuildError, file_system_error
@@ -86,15 +86,16 @@ def forget_projects() -> None:
 
 
 class Fresh:
-    """doit ``uptodate`` callable; after a call, ``str(self)`` says why the task is stale."""
+    """doit ``uptodate`` callable; after a call, ``str(self)`` says why the task is stale. ``check`` is the
+    status function: the artifact's (``status.status``) or its fidelity record's (``fidelity.status``)."""
 
-    def __init__(self, root: Path, name: str):
-        self.root, self.name, self.reason = root, name, "not checked yet"
+    def __init__(self, root: Path, name: str, check: Callable = status.status):
+        self.root, self.name, self.check, self.reason = root, name, check, "not checked yet"
 
     def __call__(self, task: object, values: dict) -> bool:
         try:
             proj = project(self.root)
-            self.reason = status.status(proj, proj.target(self.name)) or "up to date"
+            self.reason = self.check(proj, proj.target(self.name)) or "up to date"
         except PhibuildError as exc:
             self.reason = str(exc)
         except OSError as exc:
@@ -227,6 +228,35 @@ def _doc(target: Target) -> str:
 def task_quantize() -> Iterator[dict]:
     """Quantize Phi models into content-addressed, locked artifacts."""
     yield from quantize_tasks()
+
+
+def task_fidelity() -> Iterator[dict]:
+    """Measure each artifact against its FP32 source in its own runtime, and gate it."""
+    proj, found, _ = _loaded()
+    with _settings_errors():
+        locked = proj.lock.read().artifacts
+    yield {"basename": "fidelity", "name": None,
+           "doc": f"Measure {len(found)} artifacts against their FP32 sources (KL, top-1, perplexity) and gate them"}
+    for target in found:
+        record = locked[target.name].fidelity if target.name in locked else None
+        said = record.summary() if record else "not measured yet: KL, top-1 and perplexity"
+        yield {"basename": "fidelity", "name": target.name,
+               "doc": f"{said} (against {target.model.name} in float32 transformers)",
+               "actions": [(_fidelity, [str(proj.root), target.name])],
+               "task_dep": [f"quantize:{target.name}"],
+               "uptodate": [Fresh(proj.root, target.name, fidelity.status)], "verbosity": 2}
+
+
+@_action
+def _fidelity(root: str, name: str) -> TaskFailed | str:
+    proj = project(Path(root))
+    target = proj.target(name)
+    measured = fidelity.measure(proj, target)
+    log.info("%s: fidelity %s (%s)", name, measured.record.summary(), measured.how)
+    failed = fidelity.gate(proj, target, measured.record)
+    if failed:
+        return TaskFailed(f"phibuild: {name} fails its fidelity gate: {failed}")
+    return f"{name}: {measured.record.summary()}"
 
 
 def task_verify() -> dict:

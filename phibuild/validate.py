@@ -76,6 +76,13 @@ def seconds(value: Any, where: str) -> float:
     return float(value)
 
 
+def number(value: Any, where: str) -> float:
+    """A finite number, zero or more (a measured figure)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise Invalid(f"{where} must be a finite number of zero or more, not {value!r}")
+    return float(value)
+
+
 def hexdigest(length: int) -> Check:
     pattern = HEX[length]
 

@@ -18,8 +18,10 @@ and implements ``check_params`` (what is wrong with parameter values: a settings
 ``refuse_architecture`` (why an architecture it builds cannot be built with these parameters: the target
 is left out) and ``machine`` (what of the machine its bytes depend on, for the key), ``build`` (a
 :class:`Job`: source directory to output directory) and ``smoke`` (load the output with the backend's own
-runtime and generate a few tokens). Heavy imports happen inside ``build`` and ``smoke`` only, so listing
-tasks stays fast.
+runtime and generate a few tokens) and ``runtime`` (the output loaded in that runtime with its default settings,
+for the fidelity step: next-token logits of a token sequence), with ``runtime_machine`` naming what of the
+machine decides those defaults. Heavy imports happen inside ``build``, ``smoke`` and ``runtime`` only, so
+listing tasks stays fast.
 
 A backend whose precisions share a first step (GGUF: one F16 conversion, quantized several ways) returns
 that step's parameters from ``intermediate`` and implements ``build_intermediate``; phibuild caches the
@@ -138,6 +140,30 @@ def _restore(fds: tuple[int, int], streams: tuple) -> None:
     sys.stdout, sys.stderr = streams
 
 
+class CannotRun(PhibuildError):
+    """The artifact's runtime cannot run on this machine (a CUDA-only build, say); the message says why."""
+
+
+class Runtime:
+    """An artifact loaded in its backend's own runtime, with the runtime's default settings, as users run it."""
+
+    settings: str = ""  # the runtime and what its defaults resolved to here, in a few words
+
+    def logits(self, ids: Sequence[int]) -> Any:
+        """Next-token logits at every position of ``ids``, a sequence of its own: float32, [len(ids), vocab]."""
+        raise NotImplementedError
+
+
+def cpu_flags() -> set[str]:
+    """The processor's feature flags, as Linux reports them (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
 def platform_tag() -> str:
     """The operating system and processor architecture, as in ``linux-x86_64``."""
     return f"{sys.platform}-{platform.machine().lower()}"
@@ -214,6 +240,21 @@ class Backend:
 
     def smoke(self, artifact: Path, job: Job) -> Smoke:
         raise NotImplementedError
+
+    def runtime(self, artifact: Path, job: Job) -> Runtime:
+        """``artifact`` loaded in the backend's runtime with its defaults; raises CannotRun when it cannot run
+        here."""
+        raise NotImplementedError
+
+    def fidelity_cause(self, model: Any, precision: str, params: dict[str, Any]) -> str | None:
+        """A known reason the runtime's output differs from the source's for this model (a ModelSpec) and
+        these parameters, said beside a failed fidelity gate; None when there is none."""
+        return None
+
+    def runtime_machine(self) -> dict[str, str]:
+        """What of this machine decides the runtime's default settings, beyond the platform (a fidelity
+        measurement's key holds it: another machine measures under another key)."""
+        return {}
 
 
 def get(name: str) -> Backend:

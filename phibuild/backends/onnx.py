@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BuildError
-from . import SMOKE_MESSAGES, SMOKE_TOKENS, TRANSFORMERS_OPTIONAL, Backend, Job, Smoke
+from . import SMOKE_MESSAGES, SMOKE_TOKENS, TRANSFORMERS_OPTIONAL, Backend, CannotRun, Job, Runtime, Smoke
 
 # Which execution providers the builder accepts for each precision (shared/phi-family.md).
 PROVIDERS = {
@@ -110,6 +110,33 @@ class OnnxBackend(Backend):
             generator.generate_next_token()
             tokens.append(int(generator.get_next_tokens()[0]))
         return Smoke.generated(self.title, tokens, tokenizer.decode(tokens))
+
+    def runtime(self, artifact: Path, job: Job) -> Runtime:
+        provider = job.params["execution_provider"]
+        if provider != "cpu":
+            raise CannotRun(f"built for the {provider} execution provider; this machine runs the CPU one only")
+        import onnxruntime_genai as og
+
+        return GenaiRuntime(og.Model(str(artifact)))
+
+
+class GenaiRuntime(Runtime):
+    """onnxruntime-genai's generator: the prompt's logits, as it computes them before the first token."""
+
+    settings = "onnxruntime-genai, CPU execution provider"
+
+    def __init__(self, model):
+        self.model = model
+
+    def logits(self, ids):
+        import numpy as np
+        import onnxruntime_genai as og
+
+        search = og.GeneratorParams(self.model)
+        search.set_search_options(max_length=len(ids) + 1)
+        generator = og.Generator(self.model, search)
+        generator.append_tokens(list(ids))
+        return np.asarray(generator.get_output("logits"), dtype=np.float32)[0]
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from ...environment import Environment
 from ...errors import BuildError
 from ...store import link_file
-from .. import SMOKE_MESSAGES, SMOKE_TOKENS, Backend, Job, Smoke
+from .. import SMOKE_MESSAGES, SMOKE_TOKENS, Backend, Job, Runtime, Smoke
 from .fingerprint import quantizer
 from .types import ARCHITECTURES, BASES, MODEL, TYPES, file_type
 
@@ -94,6 +94,35 @@ class GgufBackend(Backend):
                     break
             text = llm.detokenize(tokens).decode("utf-8", errors="replace")
         return Smoke.generated(self.title, tokens, text)
+
+    def runtime(self, artifact: Path, job: Job) -> Runtime:
+        return LlamaRuntime(artifact / MODEL)
+
+
+class LlamaRuntime(Runtime):
+    """llama-cpp-python with its defaults (an f16 KV cache, its own thread count), a context as long as the
+    sequence and logits kept for every position."""
+
+    def __init__(self, path: Path):
+        self.path, self.llm = path, None
+        self.settings = "llama.cpp (llama-cpp-python), its defaults: KV cache f16"
+
+    def logits(self, ids):
+        import llama_cpp
+        import numpy as np
+
+        if self.llm is None or self.llm.n_ctx() < len(ids):
+            if self.llm is not None:
+                self.llm.close()
+            self.llm = llama_cpp.Llama(str(self.path), n_ctx=len(ids), n_batch=len(ids), logits_all=True,
+                                       verbose=False)
+        self.llm.reset()
+        self.llm.eval(list(ids))
+        return np.array(self.llm.scores[:len(ids)], dtype=np.float32)
+
+    def __del__(self):
+        if self.llm is not None:
+            self.llm.close()
 
 
 def quantize(source: Path, output: Path, kind: str, threads: int) -> None:
