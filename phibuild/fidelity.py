@@ -63,21 +63,21 @@ def measure(project: Project, target: Target) -> Measured:
     reference = reference_parts(project, plan)
     if locked.fidelity is not None and locked.fidelity.reference == reference.key:
         return Measured(locked.fidelity, "as artifacts.lock records it")
+    if frozen():
+        raise LockError(f"{target.name}: artifacts.lock has no fidelity record for reference {reference.key} and "
+                        "PHIBUILD_FROZEN is set, so it is left as it is; measure without it and commit the lock")
     artifact = project.store.find(locked.key, locked.files)
     if artifact is None:
         raise BuildError(f"{target.name}: artifact {locked.key} is not in the store; `doit quantize:{target.name}` "
                          "restores or builds it")
     ref_entry, _ = build.obtain(project, reference, f"{target.model.name}-reference", None,
-                                lambda output: _make_reference(project, plan, output))
+                                lambda output: _make_reference(project, plan, reference, output))
     parts = measurement_parts(project, plan, reference.key)
     job = Job(artifact.artifact, artifact.artifact, target.precision, dict(target.params),
               trust_remote_code=target.model.trust_remote_code)
     entry, how = build.obtain(project, parts, f"{target.name}-fidelity", None,
                               lambda output: _make_measurement(plan, job, ref_entry.artifact, output))
     record = _record(json.loads((entry.artifact / METRICS).read_text()), reference.key, parts.key)
-    if frozen():
-        raise LockError(f"{target.name}: artifacts.lock has no fidelity record for reference {reference.key} and "
-                        "PHIBUILD_FROZEN is set, so it is left as it is; measure without it and commit the lock")
     project.lock.put(target.name, replace(locked, fidelity=record))
     return Measured(record, how)
 
@@ -139,7 +139,7 @@ def measurement_parts(project: Project, plan: Plan, reference: str) -> KeyParts:
                     {"platform": platform_tag(), **backend.runtime_machine()}, plan.parts.trust_remote_code)
 
 
-def _make_reference(project: Project, plan: Plan, output: Path) -> build.Made:
+def _make_reference(project: Project, plan: Plan, parts: KeyParts, output: Path) -> build.Made:
     """transformers' float32 log-probabilities over the evaluation windows, and the windows' token ids."""
     import numpy as np
 
@@ -148,8 +148,7 @@ def _make_reference(project: Project, plan: Plan, output: Path) -> build.Made:
     label = f"{plan.target.model.name}-reference"
     log.info("computing the fidelity reference of %s in float32 transformers (%d windows of %d tokens)",
              plan.target.model.name, windows, length)
-    toolchain = reference_parts(project, plan).toolchain
-    with covered_only(toolchain, label, EXTRA), console_kept(f"{label}: the reference failed"):
+    with covered_only(parts.toolchain, label, EXTRA), console_kept(f"{label}: the reference failed"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -124,3 +124,15 @@ def test_bad_fidelity_settings_are_one_message(tmp_path, setting, message):
     root = write_project(tmp_path, ["phi3-tiny"], ["gguf"], ["int4"], extra=setting)
     with pytest.raises(ConfigError, match=re.escape(message)):
         Project.load(root)
+
+
+def test_frozen_mode_refuses_to_measure_what_the_lock_lacks(measured, monkeypatch):
+    root, _ = measured
+    lock, name = Lockfile(root / "artifacts.lock"), "phi3-tiny-fp32-gguf"
+    lock.put(name, replace(lock.get(name), fidelity=None))
+    monkeypatch.setenv("PHIBUILD_FROZEN", "1")
+    run = run_doit(root, f"fidelity:{name}")
+    assert run.code != 0 and "PHIBUILD_FROZEN is set" in run.output, run.output
+    assert not MEASURING.search(run.output) and lock.get(name).fidelity is None
+    monkeypatch.delenv("PHIBUILD_FROZEN")
+    assert run_doit(root, f"fidelity:{name}").code == 0 and lock.get(name).fidelity is not None
