@@ -65,6 +65,7 @@ from . import validate as v
 from .catalog import EMBEDDED, HUB, ModelSpec, lookup
 from .errors import ConfigError
 
+EVAL_TEXT = Path(__file__).parent / "eval" / "heldout.txt"  # written by tools/make_eval_text.py
 REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 
 
@@ -218,8 +219,6 @@ class Config:
 
     def eval_settings(self) -> tuple[Path, int, int]:
         """The fidelity step's evaluation text, and how many windows of how many tokens it is cut into."""
-        from .fidelity import EVAL_TEXT
-
         text = self.root / self.eval_text if self.eval_text else EVAL_TEXT
         return text, self.eval_windows, self.eval_length
 

@@ -37,7 +37,6 @@ from .status import status as artifact_status
 
 log = logging.getLogger(__name__)
 
-EVAL_TEXT = Path(__file__).parent / "eval" / "heldout.txt"  # written by tools/make_eval_text.py
 EXTRA = "fidelity"  # the pip extra the reference is computed with: its closure is the reference's toolchain
 RECIPE = "1"  # bump when the reference or the comparison is computed differently
 BUCKETS = 16  # the per-position view: mean KL over this many equal spans of a window's positions
