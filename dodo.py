@@ -12,6 +12,7 @@ from phibuild.tasks import (  # noqa: F401
     task_publish,
     task_quantize,
     task_release,
+    task_report,
     task_reproduce,
     task_verify,
 )

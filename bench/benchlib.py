@@ -32,7 +32,8 @@ BACKENDS = tuple(MODULES)
 PACKAGES = ("doit", "xxhash", "onnxruntime-genai", "onnxruntime", "openvino", "nncf", "optimum-intel", "mlx",
             "mlx-lm", "llama_cpp_python", "gguf", "torch", "transformers", "numpy")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}  # nothing may wait on the network
-DODO = "from phibuild.tasks import dodo_config, task_quantize  # noqa: F401\n\nDOIT_CONFIG = dodo_config()\n"
+DODO = ("from phibuild.tasks import dodo_config, task_fidelity, task_quantize, task_report  # noqa: F401\n\n"
+        "DOIT_CONFIG = dodo_config()\n")
 MiB = 2**20
 GiB = 2**30
 

@@ -21,3 +21,4 @@ run noop.py --dvc "$DVC" --repeat 5
 run restore.py --dir "$BENCH_DIR" --sizes-mib 64 512 2048 --repeat 5
 run backends.py --dir "$BENCH_DIR" --repeat 3
 run scale.py --dir "$BENCH_DIR/phibuild-bench-scale" --layers 1 2 4
+run fidelity.py --dir "$BENCH_DIR"

@@ -55,6 +55,9 @@ model, tokenizer = load(".")
 prompt = tokenizer.apply_chat_template([{{"role": "user", "content": "{QUESTION}"}}], add_generation_prompt=True)
 print(generate(model, tokenizer, prompt=prompt, max_tokens=128))''',
 }
+# llama-cpp-python built for this CPU's instruction sets, without llama.cpp's AMX kernels (see LIMITATIONS)
+AMX_FREE_INSTALL = ('CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON '
+                    '-DGGML_AVX512=ON" pip install --no-cache-dir --force-reinstall --no-deps llama-cpp-python')
 INSTALL = {"onnx": "pip install onnxruntime-genai", "gguf": "pip install llama-cpp-python",
            "openvino": "pip install openvino-genai", "mlx": "pip install mlx-lm"}
 LIMITATIONS = {
@@ -62,11 +65,17 @@ LIMITATIONS = {
              "and its decoder keeps SentencePiece's dummy-prefix space.",
              "fp16 models are built for CUDA or DirectML and do not run on the CPU execution provider."],
     "gguf": ["llama.cpp ignores Phi's sliding window: Phi-3-mini-4k answers differently from transformers past 2047 "
-             "tokens.", "llama.cpp keeps its KV cache in f16 by default."],
+             "tokens.", "llama.cpp keeps its KV cache in f16 by default.",
+             f"llama-cpp-python compiled on a CPU with AMX (`AMX_INT8 = 1` in `llama_cpp.llama_print_system_info()`: "
+             f"Intel Sapphire Rapids and later) crashes in llama.cpp's AMX matrix multiply (ggml-org/llama.cpp issue "
+             f"20824); there, build it without AMX: `{AMX_FREE_INSTALL}`."],
     "openvino": ["On CPUs with AVX512-BF16, OpenVINO executes in bf16 unless INFERENCE_PRECISION_HINT is f32.",
                  "OpenVINO's CPU plugin needs AVX2 to run int4 models."],
-    "mlx": ["mlx-lm 0.31 applies LongRoPE's long factors at every position (Phi-3.5, Phi-3-128k, Phi-4-mini): "
-            "within the original context its answers differ from transformers'."],
+    "mlx": ["mlx-lm 0.31 applies LongRoPE's long factors at every position (Phi-3.5, Phi-3-128k, Phi-4-mini); this "
+            "artifact's config gives it the short factors as both, so it follows transformers within the original "
+            "context and keeps the short factors past it.",
+            "mlx's quantized matmul on x86 CPUs sums in 16 bits, so there a quantized model answers less faithfully "
+            "than on Apple GPUs; the fidelity figures above are computed as Apple GPUs compute (float32 sums)."],
 }
 
 

@@ -17,6 +17,7 @@ Every key is optional::
     remote_transfer_timeout = 1800                  # seconds for a whole pull or push
     release = ["phi35-tiny-int4-onnx"]              # what `doit release` gathers (default: every locked one)
     release_dir = "release"
+    report_dir = "report"                           # where `doit report` writes REPORT.md and its plots
 
     [tool.phibuild.remote_options]                  # passed to fsspec, e.g. endpoint_url for S3 look-alikes
 
@@ -176,6 +177,7 @@ FIELDS = {
     "build": v.Field(_path, required=False),
     "lock": v.Field(_path, required=False),
     "release_dir": v.Field(_path, required=False),
+    "report_dir": v.Field(_path, required=False),
     "default": v.Field(v.name_list, required=False),
     "release": v.Field(v.name_list, required=False),
     "params": v.Field(_params, required=False),
@@ -210,6 +212,7 @@ class Config:
     remote_transfer_timeout: float = 1800.0
     release: list[str] | None = None  # None: every artifact in the lock
     release_dir: Path = Path("release")
+    report_dir: Path = Path("report")
     key_packages: dict[str, list[str]] = field(default_factory=dict)
     publish: dict[str, Any] = field(default_factory=dict)  # repo pattern, private
     eval_text: Path | None = None  # None: the evaluation text shipped with phibuild

@@ -5,10 +5,11 @@ in the artifact's own runtime with the runtime's defaults, as users run it. Top 
                windows of ``eval_length`` + 1 tokens), its log-probabilities at every position; a store entry
                keyed by the source digest, the text's digest and shape, and the torch/transformers versions
     measure    once per artifact: the runtime's logits for the same token ids, compared position by position
-               (KL(reference || artifact), top-1 agreement, perplexity); a store entry keyed by the artifact's
-               key, the reference's, the runtime's toolchain and what of the machine decides its defaults
-    record     the figures in the artifact's lock entry, where they stand while the artifact and the reference
-               do: a no-op run measures nothing
+               (KL(reference || artifact), top-1 agreement, perplexity), then the speed of greedy decoding; a
+               store entry keyed by the artifact's key, the reference's, the runtime's toolchain and what of the
+               machine decides its defaults
+    record     the figures in the artifact's lock entry, where they stand while the artifact, the reference and
+               the way of measuring (RECIPE) do: a no-op run measures nothing
     gate       figures past the project's thresholds for the precision fail the task
 
 Both steps go through ``build.obtain``, so they are cached in the store (and shared through the remote) as
@@ -38,8 +39,11 @@ from .status import status as artifact_status
 log = logging.getLogger(__name__)
 
 EXTRA = "fidelity"  # the pip extra the reference is computed with: its closure is the reference's toolchain
-RECIPE = "1"  # bump when the reference or the comparison is computed differently
+REFERENCE_RECIPE = "1"  # bump when the reference is computed differently
+RECIPE = "2"  # bump when a measurement is made differently (2: decode speed, the per-position curve locked)
 BUCKETS = 16  # the per-position view: mean KL over this many equal spans of a window's positions
+DECODE_PROMPT = 64  # decode speed: greedy tokens generated one at a time after a prompt of this many tokens
+DECODE_TOKENS = 32
 REFERENCE_FILES = ("tokens.npy", "logprobs.npy")
 METRICS = "metrics.json"
 
@@ -60,10 +64,11 @@ def measure(project: Project, target: Target) -> Measured:
     if locked is None or locked.key != plan.key:
         raise BuildError(f"{target.name}: not built; `doit quantize:{target.name}` builds it")
     reference = reference_parts(project, plan)
-    if locked.fidelity is not None and locked.fidelity.reference == reference.key:
+    if _stands(locked.fidelity, reference.key):
         return Measured(locked.fidelity, "as artifacts.lock records it")
     if frozen():
-        raise LockError(f"{target.name}: artifacts.lock has no fidelity record for reference {reference.key} and "
+        raise LockError(f"{target.name}: artifacts.lock has no fidelity record for reference {reference.key} "
+                        f"measured by recipe {RECIPE}, and "
                         "PHIBUILD_FROZEN is set, so it is left as it is; measure without it and commit the lock")
     artifact = project.store.find(locked.key, locked.files)
     if artifact is None:
@@ -91,7 +96,14 @@ def status(project: Project, target: Target) -> str | None:
         return "not measured yet"
     if locked.fidelity.reference != reference_parts(project, project.plan(target)).key:
         return "the reference changed (the source, the evaluation text or the torch/transformers versions)"
+    if locked.fidelity.recipe != RECIPE:
+        return f"measured by an older recipe ({locked.fidelity.recipe}; phibuild's is {RECIPE})"
     return gate(project, target, locked.fidelity)
+
+
+def _stands(record: Fidelity | None, reference: str) -> bool:
+    """Whether a lock's fidelity record is current: measured against ``reference``, the current way."""
+    return record is not None and record.reference == reference and record.recipe == RECIPE
 
 
 def gate(project: Project, target: Target, record: Fidelity) -> str | None:
@@ -127,7 +139,7 @@ def reference_parts(project: Project, plan: Plan) -> KeyParts:
         raise ConfigError(f"the fidelity reference needs {exc}, which is not installed: "
                           f"pip install 'phibuild[{EXTRA}]'") from None
     params = {"eval_text": digest, "windows": windows, "length": length}
-    return KeyParts(plan.parts.source, REFERENCE, toolchain, REFERENCE, params, RECIPE,
+    return KeyParts(plan.parts.source, REFERENCE, toolchain, REFERENCE, params, REFERENCE_RECIPE,
                     {"platform": platform_tag()}, plan.parts.trust_remote_code)
 
 
@@ -169,7 +181,7 @@ def _make_reference(project: Project, plan: Plan, parts: KeyParts, output: Path)
 
 
 def _make_measurement(plan: Plan, job: Job, reference: Path, output: Path) -> build.Made:
-    """The runtime's logits for the reference's windows, compared with it: metrics.json."""
+    """The runtime's logits for the reference's windows, compared with it, and its decoding speed: metrics.json."""
     import numpy as np
 
     target = plan.target
@@ -189,8 +201,10 @@ def _make_measurement(plan: Plan, job: Job, reference: Path, output: Path) -> bu
             for window in tokens:
                 logits.append(runtime.logits([int(token) for token in window[:-1]]))
             elapsed = time.perf_counter() - start
+            prompt = [int(token) for token in tokens[0, :DECODE_PROMPT]]
             metrics = {"runtime": runtime.settings, **compare(logprobs, tokens, logits),
-                       "prefill_tps": tokens[:, 1:].size / elapsed}
+                       "prefill_tps": tokens[:, 1:].size / elapsed,
+                       "decode_tps": runtime.decode(prompt, DECODE_TOKENS)}
     (output / METRICS).write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
     return build.Made()
 
@@ -235,6 +249,12 @@ def compare(logprobs: Any, tokens: Any, logits: list[Any]) -> dict[str, Any]:
 def _record(metrics: dict[str, Any], reference: str, measurement: str) -> Fidelity:
     """The lock's record of ``metrics``, at three significant digits."""
     if "not_run" in metrics:
-        return Fidelity(reference, measurement, str(metrics["runtime"]), not_run=str(metrics["not_run"]))
-    figures = {name: float(f"{metrics[name]:.3g}") for name in Fidelity.FIGURES}
-    return Fidelity(reference, measurement, str(metrics["runtime"]), int(metrics["tokens"]), **figures)
+        return Fidelity(reference, measurement, str(metrics["runtime"]), RECIPE, not_run=str(metrics["not_run"]))
+    figures = {name: _digits(metrics[name]) for name in Fidelity.FIGURES}
+    curve = tuple(_digits(value) for value in metrics["kl_by_position"])
+    return Fidelity(reference, measurement, str(metrics["runtime"]), RECIPE, int(metrics["tokens"]),
+                    kl_by_position=curve, **figures)
+
+
+def _digits(value: float) -> float:
+    return float(f"{value:.3g}")

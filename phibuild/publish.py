@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import BuildError, ConfigError
 from .project import Project
-from .release import CARD
+from .release import CARD, REPORT
 
 log = logging.getLogger(__name__)
 KEPT = {".gitattributes"}  # the hub's own, in every repository
@@ -42,7 +42,7 @@ def publish(project: Project, release_dir: Path) -> list[Published]:
     lock = project.lock.read().artifacts
     api = HfApi()
     done = []
-    for target in sorted({path.split("/", 1)[0] for path in sums}):
+    for target in sorted({path.split("/", 1)[0] for path in sums} - {REPORT}):  # the report is the bundle's
         entry = lock.get(target)
         if entry is None:
             raise BuildError(f"{release_dir / target} is not in artifacts.lock; run `doit release` again")

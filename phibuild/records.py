@@ -207,6 +207,7 @@ class Fidelity:
     reference: str  # key of the source model's reference logits
     measurement: str  # key of the measurement, in the store
     runtime: str  # the runtime and the settings it ran with (its defaults, as users get them)
+    recipe: str = "1"  # how the measurement was made (fidelity.RECIPE): a record of an older way is stale
     tokens: int = 0  # positions compared
     kl: float = 0.0  # mean KL(reference || artifact), nats per token
     kl_se: float = 0.0  # its standard error
@@ -216,11 +217,15 @@ class Fidelity:
     ppl: float = 0.0  # perplexity of the evaluation text under the artifact
     ppl_reference: float = 0.0  # and under the reference
     prefill_tps: float = 0.0  # tokens/s of the evaluation on the machine that measured it (informational)
+    decode_tps: float = 0.0  # tokens/s generating one token at a time, there (informational)
+    kl_by_position: tuple[float, ...] = ()  # mean KL over equal spans of a window's positions, first to last
     not_run: str | None = None
 
-    FIGURES = ("kl", "kl_se", "kl_early", "kl_late", "top1", "ppl", "ppl_reference", "prefill_tps")
+    FIGURES = ("kl", "kl_se", "kl_early", "kl_late", "top1", "ppl", "ppl_reference", "prefill_tps", "decode_tps")
     TABLE = {"reference": v.Field(v.key), "measurement": v.Field(v.key), "runtime": v.Field(v.text),
-             "tokens": v.Field(v.count, required=False), "not_run": v.Field(v.text, required=False),
+             "recipe": v.Field(v.text, required=False), "tokens": v.Field(v.count, required=False),
+             "not_run": v.Field(v.text, required=False),
+             "kl_by_position": v.Field(v.number_list, required=False),
              **{figure: v.Field(v.number, required=False) for figure in FIGURES}}
 
     @classmethod
@@ -232,10 +237,11 @@ class Fidelity:
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"reference": self.reference, "measurement": self.measurement,
-                                "runtime": self.runtime}
+                                "runtime": self.runtime, "recipe": self.recipe}
         if self.not_run is not None:
             return {**data, "not_run": self.not_run}
-        return {**data, "tokens": self.tokens, **{figure: getattr(self, figure) for figure in self.FIGURES}}
+        return {**data, "tokens": self.tokens, **{figure: getattr(self, figure) for figure in self.FIGURES},
+                "kl_by_position": list(self.kl_by_position)}
 
     def summary(self) -> str:
         """One line: what ``doit info`` and the task print."""
@@ -243,7 +249,8 @@ class Fidelity:
             return f"not measured: {self.not_run}"
         return (f"KL {self.kl:.3g} ± {self.kl_se:.2g} nats/token (first quarter {self.kl_early:.3g}, last "
                 f"{self.kl_late:.3g}), top-1 {self.top1:.1%}, perplexity {self.ppl:.4g} (reference "
-                f"{self.ppl_reference:.4g}) over {self.tokens} tokens in {self.runtime}")
+                f"{self.ppl_reference:.4g}) over {self.tokens} tokens in {self.runtime}; {self.prefill_tps:.4g} "
+                f"tokens/s prefill, {self.decode_tps:.4g} decode")
 
 
 @dataclass(frozen=True)

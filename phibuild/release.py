@@ -1,4 +1,5 @@
-"""Release bundles: chosen artifacts in one directory, a model card each, and a SHA256SUMS over all of it.
+"""Release bundles: chosen artifacts in one directory, a model card each, the report of their fidelity, size and
+speed (report.py, in ``report/``), and a SHA256SUMS over all of it.
 
 Anyone can check a bundle with ``sha256sum -c SHA256SUMS`` and compare its sums with ``artifacts.lock``. Every
 file is copied out of the store (never linked: what someone edits in a release must not reach the store) and
@@ -12,7 +13,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import validate
+from . import report, validate
 from .card import model_card
 from .errors import BuildError, DamageError
 from .hashing import hash_file
@@ -21,6 +22,7 @@ from .records import LockEntry
 from .store import staged
 
 CARD = "MODEL_CARD.md"
+REPORT = "report"  # the bundle's report directory; no target is called that (names end in -<backend>)
 
 
 @dataclass
@@ -87,6 +89,10 @@ def release(project: Project, directory: Path) -> Released:
             card = staging / name / CARD
             card.write_text(model_card(name, entry))
             sums[f"{name}/{CARD}"] = hashlib.sha256(card.read_bytes()).hexdigest()
+        (staging / REPORT).mkdir()
+        report.render(project, report.rows(project, chosen.artifacts), staging / REPORT)
+        for file in sorted((staging / REPORT).iterdir()):
+            sums[f"{REPORT}/{file.name}"] = hashlib.sha256(file.read_bytes()).hexdigest()
         chosen.sums = [f"{digest}  {path}" for path, digest in sorted(sums.items())]
         (staging / "SHA256SUMS").write_text("\n".join(chosen.sums) + "\n")
     return chosen

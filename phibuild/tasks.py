@@ -1,12 +1,13 @@
 """doit tasks, as plain task dictionaries: one ``quantize:<model>-<precision>-<backend>`` per target, one
-``fidelity:<target>`` measuring it against its source (after quantizing it), and ``verify``,
-``reproduce:<target>``, ``release``, ``gc``, ``assemble`` and ``constraints`` over what artifacts.lock pins.
+``fidelity:<target>`` measuring it against its source (after quantizing it), ``report`` showing what was
+measured, and ``verify``, ``reproduce:<target>``, ``release``, ``gc``, ``assemble`` and ``constraints`` over what
+artifacts.lock pins.
 
 Use from a ``dodo.py``::
 
     from phibuild.tasks import (  # noqa: F401
-        dodo_config, task_assemble, task_constraints, task_fidelity, task_gc, task_quantize, task_release,
-        task_reproduce, task_verify,
+        dodo_config, task_assemble, task_constraints, task_fidelity, task_gc, task_publish, task_quantize,
+        task_release, task_report, task_reproduce, task_verify,
     )
 
     DOIT_CONFIG = dodo_config()
@@ -32,7 +33,7 @@ from pathlib import Path
 
 from doit.exceptions import InvalidTask, TaskFailed
 
-from . import assemble, build, fidelity, gc, publish, release, status, verify
+from . import assemble, build, fidelity, gc, publish, release, report, status, verify
 from .backends import platform_tag
 from .environment import constraints
 from .errors import PhibuildError, file_system_error
@@ -257,6 +258,26 @@ def _fidelity(root: str, name: str) -> TaskFailed | str:
     if failed:
         return TaskFailed(f"phibuild: {name} fails its fidelity gate: {failed}")
     return f"{name}: {measured.record.summary()}"
+
+
+def task_report() -> dict:
+    """Write the project's report from artifacts.lock: a table of every artifact, size against KL, KL by position."""
+    proj, _, _ = _loaded()
+    return {"doc": f"Write {proj.shown(proj.root / proj.config.report_dir / report.PAGE)}: size, KL, top-1 and "
+                   "speed of every artifact, with plots, from artifacts.lock (`doit fidelity report` measures first)",
+            "actions": [(_report, [str(proj.root)])], "verbosity": 2}
+
+
+@_action
+def _report(root: str) -> None:
+    proj = project(Path(root))
+    directory = proj.root / proj.config.report_dir
+    found = report.write(proj, directory)
+    measured = sum(1 for row in found if row.measured)
+    _not_built("report", [target.name for target in proj.targets()[0]
+                          if target.name not in {row.name for row in found}])
+    log.info("report: %d artifacts, %d measured, in %s", len(found), measured,
+             proj.shown(directory / report.PAGE))
 
 
 def task_verify() -> dict:

@@ -21,6 +21,7 @@ Check = Callable[[Any, str], Any]  # (value, where it was found) -> the accepted
 NAME = re.compile(r"[a-z0-9][a-z0-9._-]*\Z")
 HEX = {n: re.compile(rf"[0-9a-f]{{{n}}}\Z") for n in (16, 32, 40, 64)}
 MAX_TEXT = 2000  # a smoke result or an origin; anything longer is not one
+MAX_LIST = 64  # a per-position curve; anything longer is not one
 
 
 class Invalid(ValueError):
@@ -81,6 +82,13 @@ def number(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
         raise Invalid(f"{where} must be a finite number of zero or more, not {value!r}")
     return float(value)
+
+
+def number_list(value: Any, where: str) -> tuple[float, ...]:
+    """A short list of measured figures (a per-position curve)."""
+    if not isinstance(value, list) or len(value) > MAX_LIST:
+        raise Invalid(f"{where} must be a list of at most {MAX_LIST} numbers, not {_short(value)}")
+    return tuple(number(item, f"{where}[{index}]") for index, item in enumerate(value))
 
 
 def hexdigest(length: int) -> Check:

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, Phi3Config
 
 from phibuild.backends import get
-from phibuild.backends.gguf import TYPES, quantize
+from phibuild.backends.gguf import TYPES, llama, quantize
 from phibuild.backends.gguf.convert import O200K, Rope, convert
 from phibuild.catalog import EMBEDDED, EMBEDDED_DIR
 from phibuild.errors import ConfigError, UnsupportedError
@@ -56,8 +56,8 @@ def reference(model: str) -> tuple[list[int], np.ndarray]:
 
 def llama_logits(path: Path, ids: list[int]) -> np.ndarray:
     """Next-token logits from llama.cpp, with a float32 KV cache (its default F16 cache rounds)."""
-    llm = llama_cpp.Llama(str(path), n_ctx=128, n_threads=2, logits_all=True, verbose=False,
-                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    llm = llama(path, n_ctx=128, n_threads=2, logits_all=True, verbose=False, type_k=llama_cpp.GGML_TYPE_F32,
+                type_v=llama_cpp.GGML_TYPE_F32)
     llm.eval(ids)
     return np.array(llm.scores[len(ids) - 1])
 
@@ -302,7 +302,7 @@ def test_phimoe_experts_are_stacked_as_llama_cpp_expects(tmp_path):
         got = tensors[f"blk.1.{gguf_name}.weight"].data
         assert got.shape == stacked.shape and np.array_equal(got, stacked)
     assert {"output.bias", "blk.0.attn_q.bias", "blk.0.attn_norm.bias", "blk.0.ffn_gate_inp.weight"} <= set(tensors)
-    llm = llama_cpp.Llama(str(tmp_path / "model.gguf"), n_ctx=64, n_threads=2, verbose=False)
+    llm = llama(tmp_path / "model.gguf", n_ctx=64, n_threads=2, verbose=False)
     generated = []
     for token in llm.generate(llm.tokenize(b"Hello world"), temp=0.0):
         generated.append(token)
@@ -337,5 +337,5 @@ def test_every_offered_type_quantizes_and_loads(built, tmp_path):
     for kind in TYPES:
         quantize(converted, tmp_path / f"{kind}.gguf", kind, 2)
         assert fields(tmp_path / f"{kind}.gguf")["general.file_type"] == constants[kind]
-        llm = llama_cpp.Llama(str(tmp_path / f"{kind}.gguf"), n_ctx=64, n_threads=2, verbose=False)
+        llm = llama(tmp_path / f"{kind}.gguf", n_ctx=64, n_threads=2, verbose=False)
         llm.eval(llm.tokenize(b"Hello world"))

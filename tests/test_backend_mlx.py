@@ -20,6 +20,7 @@ import torch
 from conftest import Run, copy_model, lock_of, prompt_for, reference_logits, run_doit, tiny_phimoe, write_project
 from mlx_lm import load
 
+from phibuild.backends.mlx import _gpu_arithmetic
 from phibuild.catalog import EMBEDDED, EMBEDDED_DIR
 from phibuild.errors import ConfigError, UnsupportedError
 from phibuild.project import Project
@@ -259,3 +260,29 @@ def test_other_architectures_are_left_out_of_the_task_list(tmp_path):
     assert run.code == 0
     assert ("left out: phi2 (mlx at int4: MLX (mlx-lm) builds Phi3ForCausalLM, Phi3SmallForCausalLM, "
             "PhiMoEForCausalLM, PhimoeForCausalLM, not PhiForCausalLM)") in run.output
+
+
+@pytest.mark.parametrize(("mode", "bits", "group_size"), [("affine", 4, 64), ("affine", 8, 64), ("mxfp4", 4, 32),
+                                                          ("mxfp8", 8, 32)])
+def test_fidelity_multiplies_quantized_weights_as_mlx_in_float32_and_rounds_once(mode, bits, group_size):
+    """The fidelity step's quantized matmul (as mlx's GPU kernels compute it) is mlx's own where mlx's CPU kernel
+    sums in float32; with 16-bit activations, the only error left is the output's rounding to 16 bits."""
+    rng = np.random.default_rng(0)
+    weights = mx.array(rng.normal(size=(96, 256)).astype(np.float32) * 0.05)
+    inputs = rng.normal(size=(8, 256)).astype(np.float32)
+    for dtype, ulp in ((mx.float32, 2.0**-23), (mx.float16, 2.0**-10), (mx.bfloat16, 2.0**-7)):
+        packed = mx.quantize(weights.astype(dtype), group_size=group_size, bits=bits, mode=mode)
+        args = dict(group_size=group_size, bits=bits, mode=mode)
+        biases = packed[2] if len(packed) > 2 else None
+        x = mx.array(inputs).astype(dtype)
+        with _gpu_arithmetic(True):
+            ours = np.array(mx.quantized_matmul(x, packed[0], packed[1], biases, **args).astype(mx.float32))
+        # scale * q + bias in float32, as the GPU kernels compute it (the float formats' scales are exact)
+        scales, shifts = (packed[1], None) if biases is None else (packed[1].astype(mx.float32),
+                                                                  biases.astype(mx.float32))
+        dequantized = np.array(mx.dequantize(packed[0], scales, shifts, dtype=mx.float32, **args), np.float64)
+        exact = np.array(x.astype(mx.float32), np.float64) @ dequantized.T
+        assert np.all(np.abs(ours - exact) <= ulp / 2 * np.abs(exact) + 1e-5), dtype  # + float32 sums
+        if dtype == mx.float32:
+            kernel = np.array(mx.quantized_matmul(x, packed[0], packed[1], biases, **args))
+            np.testing.assert_allclose(ours, kernel, rtol=1e-5, atol=1e-5)

@@ -8,6 +8,7 @@ OpenVINO) stay inside them.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -16,11 +17,12 @@ import numpy as np
 import pytest
 from conftest import Run, run_doit, write_project
 
-from phibuild import fidelity
+from phibuild import fidelity, report
 from phibuild.backends import MODULES
 from phibuild.errors import ConfigError
 from phibuild.lockfile import Lockfile
 from phibuild.project import Project
+from phibuild.report import DRIFT_PLOT, PAGE
 
 MODELS = ["phi3-tiny", "phi35-tiny"]
 SHORT = "eval_length = 256\n"  # 2 windows of 256 tokens: mlx's CPU quantized matmul runs 60 tokens/s
@@ -52,6 +54,9 @@ def test_every_artifact_is_measured_against_its_source(measured):
         else:  # int4: measurably lossy, and within its default gate
             assert 1e-4 < record.kl < 0.05 and record.top1 > 0.8, (name, record)
         assert record.kl_se < record.kl
+        assert record.prefill_tps > 0 and record.decode_tps > 0, name
+        assert len(record.kl_by_position) == fidelity.BUCKETS
+        assert min(record.kl_by_position) <= record.kl <= max(record.kl_by_position), name
     # one reference per source model, shared by its artifacts
     assert len({record.reference for record in found.values()}) == len(MODELS)
     assert len(MEASURING.findall(run.output)) == len(found) + len(MODELS)
@@ -136,3 +141,108 @@ def test_frozen_mode_refuses_to_measure_what_the_lock_lacks(measured, monkeypatc
     assert not MEASURING.search(run.output) and lock.get(name).fidelity is None
     monkeypatch.delenv("PHIBUILD_FROZEN")
     assert run_doit(root, f"fidelity:{name}").code == 0 and lock.get(name).fidelity is not None
+
+
+def test_the_report_shows_every_artifact_with_its_figures_and_plots(measured):
+    root, _ = measured
+    run = run_doit(root, "report")
+    assert run.code == 0, run.output
+    page = (root / "report" / PAGE).read_text()
+    for name, record in records(root).items():
+        model, precision, backend = name.rsplit("-", 2)
+        row = next(line for line in page.splitlines() if line.startswith(f"| {model} | {backend} | {precision} |"))
+        assert f"| {record.kl:.3g} ± {record.kl_se:.2g} | {record.top1:.1%} |" in row, row
+        assert row.endswith("| passes |"), row
+    for model in MODELS:
+        plot = root / "report" / f"size-kl-{model}.png"
+        assert plot.read_bytes().startswith(b"\x89PNG") and f"]({plot.name})" in page
+    assert "No artifact's KL grows along the window" in page and not (root / "report" / DRIFT_PLOT).exists()
+    first = {path.name: path.read_bytes() for path in (root / "report").iterdir()}
+    assert run_doit(root, "report").code == 0
+    assert {path.name: path.read_bytes() for path in (root / "report").iterdir()} == first  # same lock, same bytes
+
+
+def test_the_report_draws_the_artifacts_whose_kl_grows_along_the_window(measured, tmp_path):
+    """A record whose last quarter is far past its first is drawn position by position; one under the floor is
+    rounding noise and is not."""
+    root, _ = measured
+    project = Project.load(root)
+    lock, kept = project.lock, (root / "artifacts.lock").read_text()
+    drifting, quiet = "phi3-tiny-int4-gguf", "phi3-tiny-fp32-gguf"
+    try:
+        for name, curve in ((drifting, [1e-4] * 8 + [5e-3] * 8), (quiet, [1e-8] * 8 + [1e-6] * 8)):
+            record = lock.get(name).fidelity
+            lock.put(name, replace(lock.get(name), fidelity=replace(record, kl_by_position=tuple(curve),
+                                                                     kl_early=curve[0], kl_late=curve[-1])))
+        found = report.write(project, tmp_path / "report")
+    finally:
+        (root / "artifacts.lock").write_text(kept)
+    assert [row.name for row in found if row.drifts()] == [drifting]
+    page = (tmp_path / "report" / PAGE).read_text()
+    assert f"- {drifting}: first quarter 0.0001, last 0.005" in page and quiet not in page.split("## KL along")[1]
+    assert (tmp_path / "report" / DRIFT_PLOT).read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.fixture(scope="module")
+def fp16(tmp_path_factory) -> Path:
+    """phi4-mini-tiny (LongRoPE, partial rotary) at fp16 through every backend, measured over one 1024-token window."""
+    root = write_project(tmp_path_factory.mktemp("fp16"), ["phi4-mini-tiny"], list(MODULES), ["fp16"],
+                         extra="eval_windows = 1\n")
+    run = run_doit(root, "fidelity")
+    assert run.code == 0, run.output
+    return root
+
+
+def test_no_fp16_artifact_loses_accuracy_along_the_window(fp16):
+    """The rotary angles grow with the position, so frequencies rounded to 16 bits are off by more and more:
+    OpenVINO's fp16 export stored them in f16 (last quarter's KL 80 times the first's here, 4.4e-3). Every fp16
+    artifact that runs here stays flat; ONNX's fp16 is built for CUDA (its caches: test below)."""
+    project = Project.load(fp16)
+    for row in report.rows(project):
+        if row.backend == "onnx":
+            assert not row.measured and "cuda" in row.fidelity.not_run
+            continue
+        assert row.measured and not row.drifts(), (row.name, row.fidelity.kl_early, row.fidelity.kl_late)
+        assert row.fidelity.kl_late < 1e-3, row.fidelity  # OpenVINO measured 7e-5 here once fixed, mlx-lm 1e-5
+
+
+def test_onnx_fp16_rotary_caches_are_rounded_once_at_every_position(fp16):
+    """onnxruntime-genai's builder stores cos and sin per position, computed in float32 and rounded to f16 once:
+    the error at the last positions is about the first's (float32 angles add 2.4e-4 at position 4095), where a
+    frequency rounded to f16 would be off by up to 2 radians there."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(fp16 / "build" / "phi4-mini-tiny-fp16-onnx" / "model.onnx", load_external_data=False)
+    caches = {node.output[0]: numpy_helper.to_array(node.attribute[0].t) for branch in model.graph.node
+              if branch.op_type == "If" for graph in branch.attribute for node in graph.g.node
+              if node.op_type == "Constant"}
+    config = json.loads((Path(fidelity.__file__).parent / "embedded" / "phi4-mini-tiny" / "config.json").read_text())
+    rotary = int(config["hidden_size"] // config["num_attention_heads"] * config["partial_rotary_factor"])
+    exponents = np.arange(0, rotary, 2, dtype=np.float64) / rotary
+    inv_freq = 1.0 / (np.array(config["rope_scaling"]["short_factor"]) * config["rope_theta"] ** exponents)
+    original = config["original_max_position_embeddings"]
+    magnitude = np.sqrt(1 + np.log(config["max_position_embeddings"] / original) / np.log(original))
+    for kind, function in (("cos", np.cos), ("sin", np.sin)):
+        cache = caches[f"{kind}_cache_small"]
+        assert cache.dtype == np.float16 and cache.shape == (original, rotary // 2)
+        exact = function(np.arange(original, dtype=np.float64)[:, None] * inv_freq) * magnitude
+        error = np.abs(cache.astype(np.float64) - exact)
+        quarter = original // 4
+        assert error.max() < 1e-3, error.max()  # measured 5.7e-4: half an f16 ulp (4.9e-4) and the angle's
+        assert error[-quarter:].max() < 1.5 * error[:quarter].max(), (error[:quarter].max(), error[-quarter:].max())
+
+
+def test_a_record_of_an_older_recipe_is_stale(measured):
+    """A record made the old way (recipe 1: no decoding speed, no per-position curve) is not current: the task
+    says why, and takes the current measurement (here from the store)."""
+    root, _ = measured
+    lock, name = Lockfile(root / "artifacts.lock"), "phi35-tiny-int4-openvino"
+    current = lock.get(name).fidelity
+    lock.put(name, replace(lock.get(name), fidelity=replace(current, recipe="1", decode_tps=0.0, kl_by_position=())))
+    project = Project.load(root)
+    assert fidelity.status(project, project.target(name)) == f"measured by an older recipe (1; phibuild's is " \
+                                                            f"{fidelity.RECIPE})"
+    run = run_doit(root, f"fidelity:{name}")
+    assert run.code == 0 and "restored from the store" in run.output, run.output
+    assert lock.get(name).fidelity == current

@@ -153,6 +153,11 @@ class Runtime:
         """Next-token logits at every position of ``ids``, a sequence of its own: float32, [len(ids), vocab]."""
         raise NotImplementedError
 
+    def decode(self, ids: Sequence[int], count: int) -> float:
+        """Tokens per second of greedy generation, one token at a time, of ``count`` tokens after the prompt
+        ``ids`` (whose prefill is not timed), as the runtime's own generation loop runs it."""
+        raise NotImplementedError
+
 
 def cpu_flags() -> set[str]:
     """The processor's feature flags, as Linux reports them (empty elsewhere)."""

@@ -5,9 +5,10 @@ int4 and int8 are mlx-lm's weight quantization: ``bits`` (int4: 2-6, int8: 8), `
 ``recipe`` picks one of mlx-lm's mixed-bit recipes (mixed_2_6, mixed_3_4, mixed_3_6, mixed_4_6), which give
 each layer its bits. ``dtype`` is what unquantized tensors and quantization scales are stored in: ``auto``
 keeps the checkpoint's own (bfloat16 for Phi), as ``mlx_lm.convert`` does and as int4 does here; int8 defaults
-to float16, chosen on measured fidelity: with bfloat16 scales its rounding of the scales costs more than 8-bit
-weights save (phi3-tiny: KL 3.2e-3 and top-1 91.7% with ``auto``, against 5e-5 and 99% for the other backends'
-int8), and ``dtype = "auto"`` gives the cookbook's conversion back. fp16 may be float16 or bfloat16. As in
+to float16, chosen on measured fidelity: bfloat16 scales are rounded to 8 bits, which costs int8 about half a
+quantization step (KL 1.4e-4 to 2.3e-4 and top-1 98% on the embedded models with ``auto``, against 2.6e-5 to
+3e-5 and 99.1 to 99.4% with float16, at the same size), and ``dtype = "auto"`` gives the cookbook's conversion
+back. fp16 may be float16 or bfloat16. As in
 mlx-lm, a layer whose input width is not a multiple of the group size stays unquantized (the embedded models,
 256 and 512 wide, are quantized whole).
 
@@ -30,11 +31,14 @@ models in 16 bits cannot run (float32-only gather_mm), so their smoke check says
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import importlib.util
 import json
 import shutil
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -156,22 +160,69 @@ class MlxBackend(Backend):
 
 
 class MlxRuntime(Runtime):
-    """The mlx-lm model on mlx's default device, a whole sequence at once. On the CPU, quantized layers run mlx's
-    quantized matmul, about 100 times slower than its matmul (60 against 6,000 tokens/s on the embedded models);
-    multiplying by the dequantized weights instead was measured and rejected: in bfloat16 it rounds differently
-    and understates the KL by a third at int4 and threefold at int8."""
+    """The mlx-lm model on mlx's default device, a whole sequence at once.
+
+    On a GPU, as it is. On the CPU, the logits' quantized matmuls are computed as mlx's GPU kernels compute them
+    (``_gpu_arithmetic``): where mlx's CPU backend has no SIMD path for them (x86), its quantized matmul adds up
+    each dot product in the activations' 16-bit type, which no Apple GPU does. Measured against float64 on
+    1024x256 by 256x1088 products: relative error 5e-3 (float16) and 4e-2 (bfloat16) from mlx's CPU kernel, 7e-4
+    and 6e-3 (the output's own rounding) as a GPU computes them, 6e-7 both in float32; and the CPU kernel ran
+    10 to 60 times slower. The MLX artifacts' users run them on Apple GPUs, so the figures are theirs. Decoding
+    speed is mlx's own CPU kernels' (the loop users would run on this machine).
+    """
 
     def __init__(self, model):
         import mlx.core as mx
 
         self.model = model
-        self.settings = f"mlx-lm on mlx's {mx.default_device().type.name} device"
+        self.cpu = mx.default_device().type == mx.DeviceType.cpu
+        self.settings = ("mlx-lm on mlx's cpu device, quantized matmuls accumulated in float32 as on Apple GPUs"
+                         if self.cpu else f"mlx-lm on mlx's {mx.default_device().type.name} device")
 
     def logits(self, ids):
         import mlx.core as mx
         import numpy as np
 
-        return np.array(self.model(mx.array([list(ids)]))[0].astype(mx.float32))
+        with _gpu_arithmetic(self.cpu):
+            logits = self.model(mx.array([list(ids)]))[0].astype(mx.float32)
+            mx.eval(logits)
+        return np.array(logits)
+
+    def decode(self, ids, count):
+        import mlx.core as mx
+        from mlx_lm.generate import generate_step
+
+        steps = generate_step(mx.array(list(ids)), self.model, max_tokens=count + 1)  # greedy by default
+        next(steps)  # the prompt's prefill, and the first token
+        start = time.perf_counter()
+        for _ in range(count):
+            next(steps)
+        return count / (time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def _gpu_arithmetic(active: bool) -> Iterator[None]:
+    """While active, ``mx.quantized_matmul`` (which mlx's quantized layers call) computes as mlx's GPU kernels
+    do: scales and biases applied and products summed in float32, the result rounded once to the activations'
+    type. A test holds it to mlx's own kernel where that kernel sums in float32 (float32 activations)."""
+    if not active:
+        yield
+        return
+    import mlx.core as mx
+
+    kernel = mx.quantized_matmul
+
+    def quantized_matmul(x, w, scales, biases=None, transpose=True, group_size=None, bits=None, mode="affine"):
+        if biases is not None:  # affine: scale * q + bias, in float32
+            scales, biases = scales.astype(mx.float32), biases.astype(mx.float32)
+        weights = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode, dtype=mx.float32)
+        return (x.astype(mx.float32) @ (weights.T if transpose else weights)).astype(x.dtype)
+
+    mx.quantized_matmul = quantized_matmul
+    try:
+        yield
+    finally:
+        mx.quantized_matmul = kernel
 
 
 def _cpu_cannot_run(model) -> str | None:

@@ -3,7 +3,8 @@
 The export is the one ``optimum-cli export openvino --task text-generation-with-past`` runs (``main_export``): a
 stateful ``openvino_model.xml``/``.bin`` plus ``openvino_tokenizer``/``openvino_detokenizer`` IR from
 openvino-tokenizers and the Hugging Face config and tokenizer files. fp32 and fp16 are the exported weights as
-they are (fp16 is stored as f16 and decompressed on load). int4 and int8 are weight-only compression, as the
+they are (fp16 is stored as f16 and decompressed on load, except the constants the rotary angles are computed
+from: see ``_fp16_keeping_rotary``). int4 and int8 are weight-only compression, as the
 CLI does it: the model is exported at its checkpoint dtype, then ``nncf.compress_weights`` runs with the
 arguments optimum-intel's ``OVWeightQuantizationConfig`` makes of our parameters. int4 is data-free: with
 ``ratio`` < 1 NNCF ranks the MatMuls by weight quantization error, compresses the most tolerant ones to int4
@@ -29,6 +30,7 @@ import contextlib
 import logging
 import os
 import re
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,6 +65,7 @@ class OpenvinoBackend(Backend):
     optional_imports = (*TRANSFORMERS_OPTIONAL, "onnx", "ml-dtypes")
     # Phi-3.5-MoE's hub config says PhiMoE (its remote code); transformers writes Phimoe for the same model.
     architectures = frozenset({"Phi3ForCausalLM", "PhiMoEForCausalLM", "PhimoeForCausalLM"})
+    recipe = 2  # 2: fp16 keeps the rotary constants in f32
     # int4 defaults are the Phi Cookbook's OpenVINO recipe (optimum-cli --weight-format int4 --sym
     # --group-size 128 --ratio 0.6). optimum-intel's own default for Phi-3.5/4-mini, applied by model id, is
     # sym = false, group_size = 64, ratio = 1.0, awq = true (data-free AWQ).
@@ -100,7 +103,8 @@ class OpenvinoBackend(Backend):
 
         source, output = job.source, job.output
         weights = _weight_config(job.precision, job.params)
-        ov_config = OVConfig(quantization_config=weights) if weights else OVConfig(dtype=job.precision)
+        # fp16 is exported in f32 and compressed by _rewrite, which keeps the rotary constants in f32
+        ov_config = OVConfig(quantization_config=weights) if weights else OVConfig(dtype="fp32")
         try:
             with _quiet(), _reference_rope():
                 main_export(str(source), output, task=TASK, ov_config=ov_config, convert_tokenizer=True,
@@ -116,7 +120,7 @@ class OpenvinoBackend(Backend):
             raise BuildError(f"{self.title} export wrote no {', '.join(missing)} in {output} "
                              "(the tokenizer conversion needs openvino-tokenizers and a tokenizer.json)")
         try:
-            _rewrite(output, weights, output.parent / "rewrite")
+            _rewrite(output, job.precision, weights, output.parent / "rewrite")
         except OSError as exc:
             raise file_system_error(exc, f"{self.title}: writing the IR") from exc
         except Exception as exc:
@@ -164,11 +168,26 @@ class OpenvinoRuntime(Runtime):
     def logits(self, ids):
         import numpy as np
 
-        n = len(ids)
-        outputs = self.compiled.create_infer_request().infer({
-            "input_ids": np.array([ids], dtype=np.int64), "attention_mask": np.ones((1, n), dtype=np.int64),
-            "position_ids": np.arange(n, dtype=np.int64)[None], "beam_idx": np.zeros(1, dtype=np.int32)})
-        return np.asarray(outputs["logits"][0], dtype=np.float32)
+        request = self.compiled.create_infer_request()
+        return np.asarray(request.infer(_inputs(ids, 0))["logits"][0], dtype=np.float32)
+
+    def decode(self, ids, count):
+        """The loop openvino_genai runs: the prompt, then one token at a time on the request's KV state."""
+        request = self.compiled.create_infer_request()
+        token = int(request.infer(_inputs(ids, 0))["logits"][0, -1].argmax())
+        start = time.perf_counter()
+        for step in range(count):
+            token = int(request.infer(_inputs([token], len(ids) + step))["logits"][0, -1].argmax())
+        return count / (time.perf_counter() - start)
+
+
+def _inputs(ids, past: int) -> dict:
+    """The stateful model's inputs for ``ids`` following ``past`` tokens already in its KV state."""
+    import numpy as np
+
+    n = len(ids)
+    return {"input_ids": np.array([ids], dtype=np.int64), "attention_mask": np.ones((1, past + n), dtype=np.int64),
+            "position_ids": np.arange(past, past + n, dtype=np.int64)[None], "beam_idx": np.zeros(1, dtype=np.int32)}
 
 
 def _weight_config(precision: str, params: dict[str, Any]) -> OVWeightQuantizationConfig | None:
@@ -185,8 +204,9 @@ def _weight_config(precision: str, params: dict[str, Any]) -> OVWeightQuantizati
     return None
 
 
-def _rewrite(directory: Path, weights, scratch: Path) -> None:
-    """Compress the model's weights with NNCF (int4/int8), then renumber counter-made names in every IR.
+def _rewrite(directory: Path, precision: str, weights, scratch: Path) -> None:
+    """Compress the model's weights with NNCF (int4/int8) or to f16 (fp16), then renumber counter-made names in
+    every IR.
 
     OpenVINO names a node nobody named after a process-wide counter (``Constant_193436``, ``Model96``), so
     the XML of the same build would depend on what the process did before: another export, or NNCF compiling
@@ -204,12 +224,59 @@ def _rewrite(directory: Path, weights, scratch: Path) -> None:
         if stem == "openvino_model" and weights is not None:
             with set_env_variable(NUMPY_COMPRESSION, "1"):
                 model = nncf.compress_weights(model, **weights.to_nncf_dict())
+        elif stem == "openvino_model" and precision == "fp16":
+            _fp16_keeping_rotary(model)
         _renumber(model, stem)
         openvino.save_model(model, scratch / f"{stem}.xml", compress_to_fp16=False)
         del model  # the original .bin is memory-mapped until then
         for suffix in (".xml", ".bin"):
             os.replace(scratch / f"{stem}{suffix}", directory / f"{stem}{suffix}")
     scratch.rmdir()
+
+
+def _fp16_keeping_rotary(model) -> None:
+    """Compress the model's f32 constants to f16 (``compress_model_transformation``, what optimum-intel runs to
+    compress an IR), then put back in f32 those the rotary angles are computed from (the frequencies, LongRoPE's
+    factors and scale). In f16 a frequency is off by up to 2**-11 of itself, and so is the angle at every
+    position: measured on phi4-mini-tiny, the KL of the last quarter of a 1024-token window was 80 times the
+    first's (4.4e-3 against 5.6e-5). OpenVINO's own exemption (the ``precise`` runtime attribute) is not
+    honoured for attributes set from Python, so the constants are replaced after the compression."""
+    import openvino.opset13 as ops
+    from openvino._offline_transformations import compress_model_transformation
+
+    exact = {node.get_friendly_name(): node.get_data().copy() for node in _rotary_constants(model)}
+    compress_model_transformation(model)
+    kept = set()
+    for op in model.get_ordered_ops():  # a compressed constant is an f16 Constant and a Convert of its name
+        name = op.get_friendly_name()
+        if op.get_type_name() == "Convert" and name in exact:
+            constant = ops.constant(exact[name])
+            constant.set_friendly_name(name)
+            op.output(0).replace(constant.output(0))
+            kept.add(name)
+        elif op.get_type_name() == "Constant" and name in exact:  # one the compression left alone
+            kept.add(name)
+    if not exact or kept != set(exact):
+        raise BuildError(f"after the fp16 compression, {len(set(exact) - kept)} of the {len(exact)} rotary constants "
+                         "cannot be found to keep in f32: OpenVINO compresses differently than phibuild expects; "
+                         "nothing was published")
+
+
+def _rotary_constants(model) -> list:
+    """The f32 constants the model's Sin and Cos nodes are computed from."""
+    import openvino
+
+    seen, found = set(), []
+    pending = [op for op in model.get_ordered_ops() if op.get_type_name() in ("Sin", "Cos")]
+    while pending:
+        for source in (port.get_source_output().get_node() for port in pending.pop().inputs()):
+            if source.get_friendly_name() in seen:
+                continue
+            seen.add(source.get_friendly_name())
+            pending.append(source)
+            if source.get_type_name() == "Constant" and source.get_output_element_type(0) == openvino.Type.f32:
+                found.append(source)
+    return found
 
 
 def _renumber(model, stem: str) -> None:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import resource
 import shutil
+import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -79,7 +81,7 @@ class GgufBackend(Backend):
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         path = artifact / MODEL
-        with contextlib.closing(llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, verbose=False)) as llm:
+        with contextlib.closing(llama(path, n_ctx=256, n_threads=2, verbose=False)) as llm:
             template = llm.metadata.get("tokenizer.chat_template")
             if not template:
                 raise BuildError(f"{path} has no chat template to build the smoke prompt with")
@@ -98,6 +100,44 @@ class GgufBackend(Backend):
     def runtime(self, artifact: Path, job: Job) -> Runtime:
         return LlamaRuntime(artifact / MODEL)
 
+    def runtime_machine(self) -> dict[str, str]:
+        return {"extra_buffer_types": "off"} if amx_built_in() else {}
+
+
+def llama(path: Path, **options: Any) -> Any:
+    """``llama_cpp.Llama(path, **options)`` with llama.cpp's defaults, except where llama-cpp-python was compiled
+    with llama.cpp's AMX kernels (on a CPU with AMX, as pip builds it there): their matrix multiply crashes the
+    process (SIGSEGV in ggml_backend_amx_mul_mat, llama-cpp-python 0.3.36, on the embedded models' 256-wide
+    layers), so models are loaded without llama.cpp's extra buffer types (AMX, and repacked weights), on its
+    plain CPU kernels. llama-cpp-python sets no such option, so its default parameters are adjusted while it
+    loads."""
+    import llama_cpp
+
+    if not amx_built_in():
+        return llama_cpp.Llama(str(path), **options)
+    from llama_cpp import llama_cpp as native
+
+    defaults = native.llama_model_default_params
+
+    def without_extra_buffer_types():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    native.llama_model_default_params = without_extra_buffer_types
+    try:
+        return llama_cpp.Llama(str(path), **options)
+    finally:
+        native.llama_model_default_params = defaults
+
+
+@functools.cache
+def amx_built_in() -> bool:
+    """Whether the installed llama.cpp was compiled with its AMX kernels."""
+    import llama_cpp
+
+    return "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode()
+
 
 class LlamaRuntime(Runtime):
     """llama-cpp-python with its defaults (an f16 KV cache, its own thread count), a context as long as the
@@ -105,20 +145,32 @@ class LlamaRuntime(Runtime):
 
     def __init__(self, path: Path):
         self.path, self.llm = path, None
-        self.settings = "llama.cpp (llama-cpp-python), its defaults: KV cache f16"
+        self.settings = "llama.cpp (llama-cpp-python), its defaults: KV cache f16" + (
+            "; without extra buffer types (its AMX kernels crash)" if amx_built_in() else "")
 
     def logits(self, ids):
-        import llama_cpp
         import numpy as np
 
-        if self.llm is None or self.llm.n_ctx() < len(ids):
+        llm = self._loaded(len(ids))
+        llm.reset()
+        llm.eval(list(ids))
+        return np.array(llm.scores[:len(ids)], dtype=np.float32)
+
+    def decode(self, ids, count):
+        tokens = self._loaded(len(ids) + count + 1).generate(list(ids), top_k=1, temp=0.0, reset=True)
+        next(tokens)  # the prompt's prefill, and the first token
+        start = time.perf_counter()
+        for _ in range(count):
+            next(tokens)
+        return count / (time.perf_counter() - start)
+
+    def _loaded(self, length: int):
+        """The model with a context of at least ``length`` tokens."""
+        if self.llm is None or self.llm.n_ctx() < length:
             if self.llm is not None:
                 self.llm.close()
-            self.llm = llama_cpp.Llama(str(self.path), n_ctx=len(ids), n_batch=len(ids), logits_all=True,
-                                       verbose=False)
-        self.llm.reset()
-        self.llm.eval(list(ids))
-        return np.array(self.llm.scores[:len(ids)], dtype=np.float32)
+            self.llm = llama(self.path, n_ctx=length, n_batch=length, logits_all=True, verbose=False)
+        return self.llm
 
     def __del__(self):
         if self.llm is not None:
