@@ -26,6 +26,7 @@ from conftest import (
 )
 
 from phibuild.backends import SMOKE_MESSAGES, SMOKE_TOKENS, Job, get
+from phibuild.backends.openvino import OpenvinoRuntime
 from phibuild.catalog import EMBEDDED, EMBEDDED_DIR
 from phibuild.errors import ConfigError, UnsupportedError
 from phibuild.project import Project
@@ -85,17 +86,12 @@ def split(weights: dict[str, Compressed]) -> tuple[list[Compressed], list[Compre
 
 
 def ir_logits(artifact: Path, ids: list[int]) -> np.ndarray:
-    """Next-token logits of the IR on ``ids``, computed in f32 (the CPU plugin may pick bf16 otherwise)."""
+    """Next-token logits of the IR on ``ids``, computed in f32 (the CPU plugin may pick bf16 otherwise): the
+    fidelity runtime's inputs (``_inputs``) on a model compiled with another precision hint."""
     import openvino
 
-    request = openvino.Core().compile_model(artifact / "openvino_model.xml", "CPU",
-                                            {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
-    n = len(ids)
-    outputs = request.infer({"input_ids": np.array([ids], dtype=np.int64),
-                             "attention_mask": np.ones((1, n), dtype=np.int64),
-                             "position_ids": np.arange(n, dtype=np.int64)[None],
-                             "beam_idx": np.zeros(1, dtype=np.int32)})
-    return outputs["logits"][0, -1]
+    f32 = {"INFERENCE_PRECISION_HINT": "f32"}
+    return OpenvinoRuntime(openvino.Core().compile_model(artifact / "openvino_model.xml", "CPU", f32)).logits(ids)[-1]
 
 
 def model_table(name: str, path: Path) -> str:
@@ -240,6 +236,10 @@ def test_int4_parameters_and_fp16(tmp_path):
     matrices = [op for op in model.get_ops() if op.get_type_name() == "Constant" and len(op.shape) == 2
                 and op.shape[1] == 256]
     assert matrices and all(op.get_output_element_type(0).to_string() == "f16" for op in matrices)
+    rotary = {op.get_friendly_name(): op.get_output_element_type(0).to_string() for op in model.get_ordered_ops()
+              if op.get_type_name() == "Constant" and "rotary_emb" in op.get_friendly_name()
+              and op.get_output_element_type(0).is_real()}  # the frequencies, LongRoPE's factors: kept in f32
+    assert len(rotary) >= 2 and set(rotary.values()) == {"f32"}, rotary
     ids, expected = reference_logits(EMBEDDED_DIR / "phi4-mini-tiny")
     np.testing.assert_allclose(ir_logits(fp16, ids), expected, rtol=0, atol=0.01)
 
