@@ -81,8 +81,9 @@ class Process:
     output: str
 
 
-def run(command: Sequence[str | Path], cwd: Path | None = None, env: dict[str, str] | None = None) -> Process:
-    """Run ``command`` and report its wall time and peak memory; fail if it fails.
+def run(command: Sequence[str | Path], cwd: Path | None = None, env: dict[str, str] | None = None,
+        check: bool = True) -> Process:
+    """Run ``command`` and report its wall time and peak memory; fail if it fails (unless not ``check``).
 
     Peak memory is VmHWM from /proc, sampled every 20 ms until the command exits: the high-water mark of its own
     address space since exec, mapped file pages included (RssAnon, sampled alongside, leaves them out). Not
@@ -105,7 +106,7 @@ def run(command: Sequence[str | Path], cwd: Path | None = None, env: dict[str, s
     child.returncode = os.waitstatus_to_exitcode(status)  # reaped here: keep Popen from waiting again
     reader.join()
     text = output.getvalue().decode(errors="replace")
-    if child.returncode != 0:
+    if check and child.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, command))} exited with {child.returncode}:\n{text[-4000:]}")
     return Process(child.returncode, seconds, peak[0], peak[1], text)
 
