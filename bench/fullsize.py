@@ -56,6 +56,7 @@ from phibuild.catalog import EMBEDDED_DIR
 SHARD_BYTES = 5 * 10**9  # the hub's shards are at most 5 GB
 ROWS_AT_ONCE = 4096
 CGROUP = Path("/sys/fs/cgroup/memory")
+ARTIFACT = {"int4": 0.35, "int8": 0.6, "fp16": 1.0, "fp32": 2.0}  # an artifact's size, as a share of the bf16 source
 
 
 @dataclass(frozen=True)
@@ -196,8 +197,11 @@ def main() -> None:
     args = parser.parse_args()
     backends = args.backends or installed_backends()
     args.dir.mkdir(parents=True, exist_ok=True)
+    # The sources, then one build at a time (each project and raw output is removed once measured): GGUF's F16
+    # intermediate is the source's size, an artifact at most the share ARTIFACT of it.
+    largest = max(2 * MODELS[m].parameters() for m in args.models)
     needed = sum(2 * MODELS[m].parameters() for m in args.models if not (args.dir / m / "config.json").is_file())
-    needed += 3 * max(2 * MODELS[m].parameters() for m in args.models)  # F16 intermediate, artifact, raw output
+    needed += int(largest * (("gguf" in backends) + max(ARTIFACT[p] for p in args.precisions)))
     free = shutil.disk_usage(args.dir).free
     print(f"Machine: {machine(args.dir)}\nneeds about {size(needed)} free in {args.dir}, has {size(free)}",
           flush=True)
