@@ -10,11 +10,13 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import os
 import platform
 import re
 import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import threading
@@ -35,6 +37,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}  # nothing 
 DODO = ("from phibuild.tasks import dodo_config, task_fidelity, task_quantize, task_report  # noqa: F401\n\n"
         "DOIT_CONFIG = dodo_config()\n")
 MiB = 2**20
+ROWS_AT_ONCE = 4096  # rows of random weights made at a time (write_safetensors)
 GiB = 2**30
 
 
@@ -164,6 +167,29 @@ def write_project(root: Path, models: Sequence[str], backends: Sequence[str], pr
     (root / "pyproject.toml").write_text(text)
     (root / "dodo.py").write_text(DODO)
     return root
+
+
+def write_safetensors(path: Path, tensors: dict[str, tuple[int, ...]], rng) -> None:
+    """A bfloat16 safetensors file of ``tensors`` (name: shape), streamed a few thousand rows at a time: random
+    normal weights (std 0.02) and, for 1-D tensors (RMSNorm weights), ones, as in a real checkpoint."""
+    import numpy as np
+
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in tensors.items():
+        end = offset + 2 * math.prod(shape)
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(text)) + text)
+        for shape in tensors.values():
+            if len(shape) == 1:
+                handle.write(np.full(shape, 0x3F80, np.uint16).tobytes())
+                continue
+            for start in range(0, shape[0], ROWS_AT_ONCE):
+                rows = rng.standard_normal((min(ROWS_AT_ONCE, shape[0] - start), shape[1]), np.float32) * 0.02
+                handle.write((rows.view(np.uint32) >> 16).astype(np.uint16).tobytes())
 
 
 def copy_embedded(names: Sequence[str], directory: Path) -> dict[str, Path]:

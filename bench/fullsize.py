@@ -30,7 +30,6 @@ import json
 import math
 import os
 import shutil
-import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,12 +48,12 @@ from benchlib import (
     size,
     table,
     write_project,
+    write_safetensors,
 )
 
 from phibuild.catalog import EMBEDDED_DIR
 
 SHARD_BYTES = 5 * 10**9  # the hub's shards are at most 5 GB
-ROWS_AT_ONCE = 4096
 CGROUP = Path("/sys/fs/cgroup/memory")
 ARTIFACT = {"int4": 0.35, "int8": 0.6, "fp16": 1.0, "fp32": 2.0}  # an artifact's size, as a share of the bf16 source
 
@@ -126,23 +125,7 @@ def write_checkpoint(directory: Path, shape: Shape, seed: int) -> None:
     rng, tensors, weight_map = np.random.default_rng(seed), shape.tensors(), {}
     for number, names in enumerate(groups, 1):
         file = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for name in names:
-            end = offset + 2 * math.prod(tensors[name])
-            header[name] = {"dtype": "BF16", "shape": list(tensors[name]), "data_offsets": [offset, end]}
-            offset = end
-        text = json.dumps(header).encode()
-        text += b" " * (-len(text) % 8)
-        with open(directory / file, "wb") as handle:
-            handle.write(struct.pack("<Q", len(text)) + text)
-            for name in names:
-                dims = tensors[name]
-                if len(dims) == 1:  # RMSNorm weights: ones, as in a real checkpoint
-                    handle.write(np.full(dims, 0x3F80, np.uint16).tobytes())
-                    continue
-                for start in range(0, dims[0], ROWS_AT_ONCE):
-                    rows = rng.standard_normal((min(ROWS_AT_ONCE, dims[0] - start), dims[1]), np.float32) * 0.02
-                    handle.write((rows.view(np.uint32) >> 16).astype(np.uint16).tobytes())
+        write_safetensors(directory / file, {name: tensors[name] for name in names}, rng)
         weight_map |= dict.fromkeys(names, file)
         print(f"  wrote {file} ({number} of {len(groups)})", flush=True)
     (directory / "model.safetensors.index.json").write_text(json.dumps(

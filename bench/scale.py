@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import shutil
-import struct
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,13 +41,13 @@ from benchlib import (
     timed_doit,
     verdict,
     write_project,
+    write_safetensors,
 )
 
 from phibuild.catalog import EMBEDDED_DIR
 
 REAL_LAYERS = 32
 HIDDEN, INTERMEDIATE, VOCAB, HEADS = 3072, 8192, 32064, 32
-ROWS_AT_ONCE = 4096
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja",
                    "generation_config.json")
 CONVERT = ("import sys; from pathlib import Path; from phibuild.backends.gguf.convert import convert; "
@@ -98,23 +97,7 @@ def make_checkpoint(directory: Path, layers: int) -> None:
     if (directory / "config.json").is_file():
         return  # made before (written last)
     directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(layers)
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape in shapes(layers).items():
-        end = offset + 2 * math.prod(shape)
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, end]}
-        offset = end
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    with open(directory / "model.safetensors", "wb") as handle:
-        handle.write(struct.pack("<Q", len(text)) + text)
-        for shape in shapes(layers).values():
-            if len(shape) == 1:  # RMSNorm weights: ones, as in a real checkpoint
-                handle.write(np.full(shape, 0x3F80, np.uint16).tobytes())
-                continue
-            for start in range(0, shape[0], ROWS_AT_ONCE):
-                rows = rng.standard_normal((min(ROWS_AT_ONCE, shape[0] - start), shape[1]), np.float32) * 0.02
-                handle.write((rows.view(np.uint32) >> 16).astype(np.uint16).tobytes())
+    write_safetensors(directory / "model.safetensors", shapes(layers), np.random.default_rng(layers))
     for name in TOKENIZER_FILES:
         shutil.copy(EMBEDDED_DIR / "phi35-tiny" / name, directory / name)
     (directory / "config.json").write_text(json.dumps(config(layers), indent=2) + "\n")
