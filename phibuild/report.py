@@ -10,7 +10,6 @@ figures and the matplotlib version alone. The release bundle carries the report 
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +19,6 @@ from .fidelity import gate
 from .project import Project
 from .records import Fidelity, LockEntry
 from .store import staged
-
-log = logging.getLogger(__name__)
 
 PAGE = "REPORT.md"
 DRIFT_PLOT = "kl-by-position.png"

@@ -274,8 +274,8 @@ def _report(root: str) -> None:
     directory = proj.root / proj.config.report_dir
     found = report.write(proj, directory)
     measured = sum(1 for row in found if row.measured)
-    _not_built("report", [target.name for target in proj.targets()[0]
-                          if target.name not in {row.name for row in found}])
+    reported = {row.name for row in found}
+    _not_built("report", [target.name for target in proj.targets()[0] if target.name not in reported])
     log.info("report: %d artifacts, %d measured, in %s", len(found), measured,
              proj.shown(directory / report.PAGE))
 
