@@ -5,6 +5,7 @@ One doit run builds every precision of the three embedded models; the tests read
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -16,6 +17,8 @@ import pytest
 from conftest import HOME, lock_of, prompt_for, reference_logits, run_doit, write_project
 from transformers import AutoTokenizer
 
+from phibuild.backends import Job, onnx_quantize
+from phibuild.backends import onnx as onnx_backend
 from phibuild.catalog import EMBEDDED, EMBEDDED_DIR
 from phibuild.errors import ConfigError, UnsupportedError
 from phibuild.project import Project
@@ -124,3 +127,27 @@ def test_unsupported_pairs_are_refused_with_the_reason(tmp_path):
     with pytest.raises(UnsupportedError, match=r"its PhiMoE operator is CUDA-only: int4 with "
                                                r"execution_provider = \"cuda\""):
         Project.load(root).target("phi35-moe-int4-onnx")
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+@pytest.mark.parametrize("model", EMBEDDED)
+def test_one_weight_at_a_time_writes_the_builders_own_bytes(tmp_path, monkeypatch, model, precision):
+    # phibuild quantizes node by node to keep real-size builds small (onnx_quantize.py); the bytes must be those
+    # of the builder's whole-model to_nbits, which runs when the replacement is switched off.
+    streamed = []
+    monkeypatch.setattr(onnx_quantize, "streamed_nbits",
+                        lambda builder, real=onnx_quantize.streamed_nbits: streamed.append(1) or real(builder))
+    outputs = {}
+    for way in ("streamed", "whole"):
+        if way == "whole":
+            monkeypatch.setattr(onnx_backend, "one_weight_at_a_time", lambda cls: contextlib.nullcontext())
+        outputs[way] = tmp_path / way
+        outputs[way].mkdir()
+        onnx_backend.OnnxBackend().build(Job(EMBEDDED_DIR / model, outputs[way], precision,
+                                             dict(onnx_backend.QUANTIZED)))
+    assert streamed == [1]
+    names = sorted(path.name for path in outputs["whole"].iterdir())
+    assert names == sorted(path.name for path in outputs["streamed"].iterdir())
+    assert {"model.onnx", "model.onnx.data"} <= set(names)
+    for name in names:
+        assert (outputs["streamed"] / name).read_bytes() == (outputs["whole"] / name).read_bytes(), name

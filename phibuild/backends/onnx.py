@@ -1,8 +1,9 @@
 """ONNX Runtime GenAI: its model builder (``onnxruntime_genai.models.builder``), run in-process.
 
 int4 and int8 are weight-only MatMulNBits quantization (block size, symmetry, algorithm and accuracy level
-as parameters); fp32 runs on the CPU execution provider; fp16 targets CUDA or DirectML, so it is built here
-but its smoke check cannot run on a CPU-only machine and says so.
+as parameters), done one weight at a time (onnx_quantize.py): the builder's own bytes, without its float32
+copy of the whole model in memory. fp32 runs on the CPU execution provider; fp16 targets CUDA or DirectML, so
+it is built here but its smoke check cannot run on a CPU-only machine and says so.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from ..errors import BuildError
 from . import SMOKE_MESSAGES, SMOKE_TOKENS, TRANSFORMERS_OPTIONAL, Backend, CannotRun, Job, Runtime, Smoke
+from .onnx_quantize import one_weight_at_a_time
 
 # Which execution providers the builder accepts for each precision (shared/phi-family.md).
 PROVIDERS = {
@@ -70,6 +72,7 @@ class OnnxBackend(Backend):
         return None
 
     def build(self, job: Job) -> None:
+        from onnxruntime_genai.models import builder
         from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
         # The quantizer configures the root logger at INFO on import: one line per tensor. Keep warnings.
@@ -81,7 +84,7 @@ class OnnxBackend(Backend):
         options.append(f"hf_remote={_option(job.trust_remote_code)}")
         source, output, cache = str(job.source), str(job.output), job.output.parent / "builder-cache"
         try:
-            with machine_independent() as calls:
+            with machine_independent() as calls, one_weight_at_a_time(defining(builder.Phi3MiniModel, "to_nbits")):
                 extra = parse_extra_options(source, source, output, job.precision, provider, str(cache), options)
                 create_model(source, source, output, job.precision, provider, str(cache), **extra)
         finally:
@@ -178,8 +181,7 @@ def machine_independent() -> Iterator[list[int]]:
 
     # builder.py imports its classes as the top-level package `builders` (models/ is put on sys.path), so
     # the class create_model uses is found through the model classes it imports, not by module name.
-    model = next(cls for cls in builder.Phi3MiniModel.__mro__ if "make_rotary_embedding_caches_from_scratch"
-                 in cls.__dict__)
+    model = defining(builder.Phi3MiniModel, "make_rotary_embedding_caches_from_scratch")
     original = model.make_rotary_embedding_caches_from_scratch
     calls: list[int] = []
 
@@ -223,6 +225,11 @@ def machine_independent() -> Iterator[list[int]]:
     finally:
         for name, function in saved.items():
             setattr(model, name, function)
+
+
+def defining(cls: type, name: str) -> type:
+    """The class in ``cls``'s MRO that defines ``name``: where a builder method is replaced for one build."""
+    return next(base for base in cls.__mro__ if name in base.__dict__)
 
 
 def _option(value: Any) -> str:
