@@ -20,7 +20,9 @@ import torch
 from conftest import Run, copy_model, lock_of, prompt_for, reference_logits, run_doit, tiny_phimoe, write_project
 from mlx_lm import load
 
-from phibuild.backends.mlx import _gpu_arithmetic
+from phibuild.backends import SMOKE_MESSAGES, Job
+from phibuild.backends import mlx as mlx_backend
+from phibuild.backends.mlx import MlxBackend, MlxRuntime, _gpu_arithmetic
 from phibuild.catalog import EMBEDDED, EMBEDDED_DIR
 from phibuild.errors import ConfigError, UnsupportedError
 from phibuild.project import Project
@@ -121,6 +123,25 @@ def test_every_target_loads_in_mlx_lm_and_its_smoke_check_is_locked(built):
         assert {"config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json",
                 "tokenizer_config.json", "chat_template.jinja"} <= files, name
         assert "README.md" not in files
+
+
+def test_past_the_cpu_bound_the_smoke_check_generates_one_token_and_says_so(built, monkeypatch):
+    # A real-size model on mlx's CPU backend: the embedded int4 stands in, with the bound lowered to zero.
+    target = f"{MODELS[0]}-int4-mlx"
+    directory = artifact(built, target)
+    job = Job(EMBEDDED_DIR / MODELS[0], directory, "int4", {})
+    whole = MlxBackend().smoke(directory, job)
+    monkeypatch.setattr(mlx_backend, "CPU_SMOKE_BYTES", 0)
+    bounded = MlxBackend().smoke(directory, job)
+    assert len(whole.tokens) > 1 and len(bounded.tokens) == 1
+    assert bounded.detail.startswith("1 tokens from a Phi chat prompt")
+    assert "one token: 0.0 GiB of weights on mlx's CPU backend" in bounded.detail
+    # The one token is the prompt's argmax as Apple GPUs compute it (the fidelity runtime's logits; with a
+    # cache, generate_step sums in another order, so a near-tie may go either way).
+    model, tokenizer = load(str(directory))
+    prompt = tokenizer.apply_chat_template(SMOKE_MESSAGES, add_generation_prompt=True, tokenize=False)
+    last = MlxRuntime(model).logits(tokenizer.encode(prompt, add_special_tokens=False))[-1]
+    assert last[bounded.tokens[0]] > last.max() - 1e-3
 
 
 @pytest.mark.parametrize("model", EMBEDDED)
