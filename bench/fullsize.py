@@ -20,7 +20,7 @@ Needs root (the cgroup) and free disk: the source, twice its size for the GGUF F
 artifact, checked before anything is written. Prints what it does as it goes.
 
     python bench/fullsize.py [--dir DIR] [--models phi35-mini phi4] [--backends ...] [--precisions int4]
-                             [--limit-gib 8] [--no-raw] [--keep]
+                             [--limit-gib 8] [--no-raw | --raw-only] [--keep]
 """
 
 from __future__ import annotations
@@ -175,7 +175,9 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["int4"], choices=("int4", "int8", "fp16", "fp32"))
     parser.add_argument("--limit-gib", type=float, default=None,
                         help="memory limit (default: 8 GiB for phi35-mini, 16 GiB for phi4)")
-    parser.add_argument("--no-raw", action="store_true", help="skip the backends' own commands")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--no-raw", action="store_true", help="skip the backends' own commands")
+    which.add_argument("--raw-only", action="store_true", help="run the backends' own commands only")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints for the next run")
     args = parser.parse_args()
     backends = args.backends or installed_backends()
@@ -196,8 +198,9 @@ def main() -> None:
         for model in args.models:
             shape = MODELS[model]
             source = args.dir / model
-            print(f"{model}: {shape.parameters() / 1e9:.2f}B parameters, writing {size(2 * shape.parameters())} "
-                  f"to {source}", flush=True)
+            verb = "reusing" if (source / "config.json").is_file() else "writing"
+            print(f"{model}: {shape.parameters() / 1e9:.2f}B parameters, {verb} {size(2 * shape.parameters())} "
+                  f"in {source}", flush=True)
             write_checkpoint(source, shape, seed=len(model))
             limit = int((args.limit_gib or (8 if model == "phi35-mini" else 16)) * GiB)
             for backend in backends:
@@ -205,12 +208,7 @@ def main() -> None:
                     done = len(rows) + 1
                     target = f"{model}-{precision}-{backend}"
                     print(f"[{done}/{len(steps)}] doit quantize:{target} inside {size(limit)}", flush=True)
-                    root = Path(tempfile.mkdtemp(prefix=f"project-{target}-", dir=args.dir))
-                    try:
-                        write_project(root, [model], [backend], [precision], local={model: source})
-                        ours = limited(doit(root, f"quantize:{target}"), limit, target)
-                    finally:
-                        shutil.rmtree(root, ignore_errors=True)
+                    ours = None if args.raw_only else _ours(args.dir, model, source, backend, precision, limit)
                     raw = None
                     if not args.no_raw:
                         out = args.dir / f"raw-{target}"
@@ -221,7 +219,8 @@ def main() -> None:
                             for path in (out, Path(f"{out}-cache")):
                                 shutil.rmtree(path, ignore_errors=True)
                     rows.append((model, backend, precision, size(limit), ours, raw))
-                    print(f"  phibuild: {_said(ours)}" + (f"; raw: {_said(raw)}" if raw else ""), flush=True)
+                    print("  " + "; ".join(f"{who}: {_said(said)}" for who, said in (("phibuild", ours), ("raw", raw))
+                                           if said), flush=True)
     finally:
         if not args.keep:
             for model in args.models:
@@ -229,13 +228,29 @@ def main() -> None:
     print()
     print(table(["model", "backend", "precision", "limit", "phibuild", "wall", "cgroup peak", "peak RssAnon",
                  "raw command", "raw wall", "raw cgroup peak"],
-                [(m, b, p, lim, "finished" if o.finished else "**failed**", secs(o.seconds), size(o.max_usage),
-                  size(o.peak_anon), ("finished" if r.finished else "**failed**") if r else "",
-                  secs(r.seconds) if r else "", size(r.max_usage) if r else "") for m, b, p, lim, o, r in rows]))
+                [(m, b, p, lim, *_cells(o, anon=True), *_cells(r, anon=False)) for m, b, p, lim, o, r in rows]))
     for m, b, p, _, o, r in rows:
         for who, result in (("phibuild", o), ("raw", r)):
             if result is not None and not result.finished:
                 print(f"\n{m}-{p}-{b} ({who}) failed; its last lines:\n{result.tail}")
+
+
+def _ours(directory: Path, model: str, source: Path, backend: str, precision: str, limit: int) -> Limited:
+    """`doit quantize:<target>` in a fresh project (empty store), inside the limit; the project is removed."""
+    target = f"{model}-{precision}-{backend}"
+    root = Path(tempfile.mkdtemp(prefix=f"project-{target}-", dir=directory))
+    try:
+        write_project(root, [model], [backend], [precision], local={model: source})
+        return limited(doit(root, f"quantize:{target}"), limit, target)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _cells(result: Limited | None, anon: bool) -> tuple[str, ...]:
+    if result is None:
+        return ("",) * (4 if anon else 3)
+    cells = ("finished" if result.finished else "**failed**", secs(result.seconds), size(result.max_usage))
+    return (*cells, size(result.peak_anon)) if anon else cells
 
 
 def _said(result: Limited) -> str:
