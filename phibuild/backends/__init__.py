@@ -97,6 +97,20 @@ class Smoke:
 
 
 @contextlib.contextmanager
+def replaced(owner: Any, **attributes: Any) -> Iterator[None]:
+    """``owner``'s (a toolchain's class or module) attributes replaced for the duration of one step, then put
+    back as they were: how phibuild changes a toolchain's behaviour without changing its files."""
+    saved = {name: vars(owner)[name] for name in attributes}
+    for name, value in attributes.items():
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(owner, name, value)
+
+
+@contextlib.contextmanager
 def console_kept(failure: str) -> Iterator[None]:
     """Run a toolchain step with everything it prints kept back (Python's streams and the process's file
     descriptors 1 and 2, where C libraries and progress bars write), and shown only if it fails: a

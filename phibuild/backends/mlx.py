@@ -44,7 +44,17 @@ from typing import Any, ClassVar
 
 from .. import sources
 from ..errors import BuildError
-from . import SMOKE_MESSAGES, SMOKE_TOKENS, TRANSFORMERS_OPTIONAL, Backend, CannotRun, Job, Runtime, Smoke
+from . import (
+    SMOKE_MESSAGES,
+    SMOKE_TOKENS,
+    TRANSFORMERS_OPTIONAL,
+    Backend,
+    CannotRun,
+    Job,
+    Runtime,
+    Smoke,
+    replaced,
+)
 
 # The mlx-lm model module each architecture needs (mlx_lm/models/<type>.py).
 MODEL_TYPES = {
@@ -215,19 +225,14 @@ def _gpu_arithmetic(active: bool) -> Iterator[None]:
         return
     import mlx.core as mx
 
-    kernel = mx.quantized_matmul
-
     def quantized_matmul(x, w, scales, biases=None, transpose=True, group_size=None, bits=None, mode="affine"):
         if biases is not None:  # affine: scale * q + bias, in float32
             scales, biases = scales.astype(mx.float32), biases.astype(mx.float32)
         weights = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode, dtype=mx.float32)
         return (x.astype(mx.float32) @ (weights.T if transpose else weights)).astype(x.dtype)
 
-    mx.quantized_matmul = quantized_matmul
-    try:
+    with replaced(mx, quantized_matmul=quantized_matmul):
         yield
-    finally:
-        mx.quantized_matmul = kernel
 
 
 def _bounded_on_cpu(artifact: Path) -> str:

@@ -18,7 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BuildError
-from . import SMOKE_MESSAGES, SMOKE_TOKENS, TRANSFORMERS_OPTIONAL, Backend, CannotRun, Job, Runtime, Smoke
+from . import (
+    SMOKE_MESSAGES,
+    SMOKE_TOKENS,
+    TRANSFORMERS_OPTIONAL,
+    Backend,
+    CannotRun,
+    Job,
+    Runtime,
+    Smoke,
+    replaced,
+)
 from .onnx_quantize import one_weight_at_a_time
 
 # Which execution providers the builder accepts for each precision (shared/phi-family.md).
@@ -211,20 +221,11 @@ def machine_independent() -> Iterator[list[int]]:
     def mscale_yarn(self, mscale):
         return 1.0 if mscale <= 1.0 else 0.1 * log_f64(mscale) + 1.0
 
-    replaced = {
-        "make_rotary_embedding_caches_from_scratch": caches, "make_mscale_su": mscale_su,
-        "make_mscale_yarn": mscale_yarn,
-        "get_genai_version": classmethod(lambda cls: onnxruntime_genai.__version__ or None),
-        "get_genai_commit": classmethod(lambda cls: getattr(onnxruntime_genai, "__commit__", None) or None),
-    }
-    saved = {name: model.__dict__[name] for name in replaced}
-    for name, function in replaced.items():
-        setattr(model, name, function)
-    try:
+    with replaced(model, make_rotary_embedding_caches_from_scratch=caches, make_mscale_su=mscale_su,
+                  make_mscale_yarn=mscale_yarn,
+                  get_genai_version=classmethod(lambda cls: onnxruntime_genai.__version__ or None),
+                  get_genai_commit=classmethod(lambda cls: getattr(onnxruntime_genai, "__commit__", None) or None)):
         yield calls
-    finally:
-        for name, function in saved.items():
-            setattr(model, name, function)
 
 
 def defining(cls: type, name: str) -> type:

@@ -21,6 +21,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from . import replaced
+
 logger = logging.getLogger(__name__)
 
 
@@ -32,11 +34,8 @@ def one_weight_at_a_time(model_class: type) -> Iterator[None]:
     def to_nbits(self):
         return streamed_nbits(self) if streamable(self) else original(self)
 
-    model_class.to_nbits = to_nbits
-    try:
+    with replaced(model_class, to_nbits=to_nbits):
         yield
-    finally:
-        model_class.to_nbits = original
 
 
 def streamable(builder: Any) -> bool:

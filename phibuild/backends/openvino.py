@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BuildError, file_system_error
-from . import SMOKE_MESSAGES, SMOKE_TOKENS, TRANSFORMERS_OPTIONAL, Backend, Job, Runtime, Smoke, cpu_flags
+from . import SMOKE_MESSAGES, SMOKE_TOKENS, TRANSFORMERS_OPTIONAL, Backend, Job, Runtime, Smoke, cpu_flags, replaced
 
 if TYPE_CHECKING:
     from optimum.intel import OVWeightQuantizationConfig
@@ -333,11 +333,8 @@ def _reference_rope() -> Iterator[None]:
                              "them (a newer transformers?); nothing was published")
         return mine.to(device=device), attention_factor
 
-    rotary.compute_default_rope_parameters = staticmethod(compute)
-    try:
+    with replaced(rotary, compute_default_rope_parameters=staticmethod(compute)):
         yield
-    finally:
-        rotary.compute_default_rope_parameters = original
 
 
 @contextlib.contextmanager
