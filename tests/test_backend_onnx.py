@@ -151,3 +151,14 @@ def test_one_weight_at_a_time_writes_the_builders_own_bytes(tmp_path, monkeypatc
     assert {"model.onnx", "model.onnx.data"} <= set(names)
     for name in names:
         assert (outputs["streamed"] / name).read_bytes() == (outputs["whole"] / name).read_bytes(), name
+
+
+def test_a_quantization_it_does_not_reproduce_runs_the_builders_own(tmp_path, monkeypatch):
+    streamed = []
+    monkeypatch.setattr(onnx_quantize, "streamed_nbits", lambda builder: streamed.append(1))
+    params = dict(onnx_backend.QUANTIZED, algo_config="k_quant")
+    onnx_backend.OnnxBackend().build(Job(EMBEDDED_DIR / "phi3-tiny", tmp_path, "int4", params))
+    assert not streamed
+    graph = onnx.load(tmp_path / "model.onnx").graph
+    assert [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert not [n for n in graph.node if n.op_type == "MatMul" and "proj" in n.name]
