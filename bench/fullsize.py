@@ -207,8 +207,11 @@ def main() -> None:
                 for precision in args.precisions:
                     done = len(rows) + 1
                     target = f"{model}-{precision}-{backend}"
-                    print(f"[{done}/{len(steps)}] doit quantize:{target} inside {size(limit)}", flush=True)
-                    ours = None if args.raw_only else _ours(args.dir, model, source, backend, precision, limit)
+                    print(f"[{done}/{len(steps)}] {target} inside {size(limit)}", flush=True)
+                    ours = None
+                    if not args.raw_only:
+                        print(f"  doit quantize:{target}", flush=True)
+                        ours = _ours(args.dir, model, source, backend, precision, limit)
                     raw = None
                     if not args.no_raw:
                         out = args.dir / f"raw-{target}"
