@@ -148,9 +148,8 @@ class MlxBackend(Backend):
             return Smoke(False, reason)
         prompt = tokenizer.apply_chat_template(SMOKE_MESSAGES, add_generation_prompt=True, tokenize=False)
         prompt_ids = mx.array(tokenizer.encode(prompt, add_special_tokens=False))
-        count, bounded = SMOKE_TOKENS, _bounded_on_cpu(artifact)
-        if bounded:
-            count = 1
+        bounded = _bounded_on_cpu(artifact)
+        count = 1 if bounded else SMOKE_TOKENS
         # generate_step rather than stream_generate: the latter's detokenizer fails on the padding ids past
         # the tokenizer's last token that Phi vocabularies have (32064 rows for 32011 tokens).
         # No sampler: mlx-lm takes the argmax, so the tokens are a function of the artifact.
