@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 from ...environment import Environment
 from ...errors import BuildError
 from ...store import link_file
-from .. import SMOKE_MESSAGES, SMOKE_TOKENS, Backend, Job, Runtime, Smoke
+from .. import SMOKE_MESSAGES, SMOKE_TOKENS, Backend, Job, Runtime, Smoke, replaced
 from .fingerprint import quantizer
 from .types import ARCHITECTURES, BASES, MODEL, TYPES, file_type
 
@@ -124,11 +124,8 @@ def llama(path: Path, **options: Any) -> Any:
         params.use_extra_bufts = False
         return params
 
-    native.llama_model_default_params = without_extra_buffer_types
-    try:
+    with replaced(native, llama_model_default_params=without_extra_buffer_types):
         return llama_cpp.Llama(str(path), **options)
-    finally:
-        native.llama_model_default_params = defaults
 
 
 @functools.cache
