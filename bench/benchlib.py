@@ -27,7 +27,7 @@ from importlib import metadata
 from pathlib import Path
 
 from phibuild.backends import MODULES
-from phibuild.catalog import EMBEDDED
+from phibuild.catalog import EMBEDDED_TEXT
 
 BIN = Path(sys.executable).parent  # doit, optimum-cli, mlx_lm.convert: from the environment running the bench
 BACKENDS = tuple(MODULES)
@@ -278,8 +278,8 @@ def installed_backends() -> list[str]:
 
 def selection(parser: argparse.ArgumentParser) -> None:
     """``--models`` and ``--backends`` options, for a quick run over part of the matrix."""
-    parser.add_argument("--models", nargs="+", default=list(EMBEDDED), choices=EMBEDDED, metavar="MODEL",
-                        help=f"embedded models (default: all of {', '.join(EMBEDDED)})")
+    parser.add_argument("--models", nargs="+", default=list(EMBEDDED_TEXT), choices=EMBEDDED_TEXT, metavar="MODEL",
+                        help=f"embedded models (default: all of {', '.join(EMBEDDED_TEXT)})")
     parser.add_argument("--backends", nargs="+", default=None, choices=BACKENDS, metavar="BACKEND",
                         help="backends (default: every installed one)")
 

@@ -1,4 +1,4 @@
-"""The Phi text models phibuild knows by name: the real ones on the Hugging Face hub and the tiny look-alikes
+"""The Phi models phibuild knows by name: the real ones on the Hugging Face hub and the tiny look-alikes
 embedded in the package (``phibuild/embedded/``), which need no network.
 
 Shapes and backend support come from ``shared/phi-family.md``; a model defined in ``[tool.phibuild.model.NAME]``
@@ -31,8 +31,14 @@ SOURCE_PATTERNS = (
     "merges.txt",
     "chat_template.jinja",
     "chat_template.json",
+    "preprocessor_config.json",  # image and audio processors (vision models)
+    "processor_config.json",
+    "adapter_config.json",  # LoRA adapters in subdirectories (Phi-4-multimodal's vision-lora/, speech-lora/)
 )
 CODE_PATTERNS = ("*.py",)
+# Architectures that read images as well as text. Phi-3.5-vision and the hub's Phi-4-multimodal run their own
+# code; transformers 5.5 has a class of its own for Phi-4-multimodal's layout only in its native form.
+VISION_ARCHITECTURES = frozenset({"Phi3VForCausalLM", "Phi4MMForCausalLM", "Phi4MultimodalForCausalLM"})
 
 
 @dataclass(frozen=True)
@@ -57,8 +63,8 @@ def _hub(name: str, repo: str, architecture: str, parameters: float) -> ModelSpe
     return ModelSpec(name, architecture, repo=repo, parameters=parameters)
 
 
-def _embedded(name: str) -> ModelSpec:
-    return ModelSpec(name, "Phi3ForCausalLM", path=EMBEDDED_DIR / name, embedded=True)
+def _embedded(name: str, architecture: str = "Phi3ForCausalLM") -> ModelSpec:
+    return ModelSpec(name, architecture, path=EMBEDDED_DIR / name, embedded=True)
 
 
 CATALOG: dict[str, ModelSpec] = {
@@ -77,14 +83,24 @@ CATALOG: dict[str, ModelSpec] = {
         _hub("phi4-mini", "microsoft/Phi-4-mini-instruct", "Phi3ForCausalLM", 3.8),
         _hub("phi4-mini-reasoning", "microsoft/Phi-4-mini-reasoning", "Phi3ForCausalLM", 3.8),  # 3.8B reasoning
         _hub("phi4-reasoning", "microsoft/Phi-4-reasoning", "Phi3ForCausalLM", 14.7),  # 14B reasoning, 32k context
+        # 4.2B: Phi-3.5-mini and a CLIP ViT-L/14 image encoder with HD crops; remote code only (phi3_v)
+        _hub("phi35-vision", "microsoft/Phi-3.5-vision-instruct", "Phi3VForCausalLM", 4.2),
+        # 5.6B: Phi-4-mini, a SigLIP image encoder, a speech encoder and LoRA adapters for both. Its main branch is
+        # the repository's own layout (phi4mm, remote code); transformers' native Phi4MultimodalForCausalLM reads
+        # the converted layout, which phibuild builds without remote code (phi4-multimodal-tiny has it).
+        _hub("phi4-multimodal", "microsoft/Phi-4-multimodal-instruct", "Phi4MMForCausalLM", 5.6),
         # Embedded look-alikes, shipped in the package (tools/make_embedded_models.py):
         _embedded("phi3-tiny"),  # Phi-3-mini-4k: SentencePiece, no rope scaling
         _embedded("phi35-tiny"),  # Phi-3.5-mini: SentencePiece, longrope
         _embedded("phi4-mini-tiny"),  # Phi-4-mini: BPE, GQA, partial rotary 0.75, tied embeddings
+        # Phi-4-multimodal in transformers' native layout: phi4-mini-tiny's decoder, tiny image and audio encoders
+        _embedded("phi4-multimodal-tiny", "Phi4MultimodalForCausalLM"),
     )
 }
 
 EMBEDDED = [name for name, spec in CATALOG.items() if spec.embedded]
+EMBEDDED_TEXT = [name for name in EMBEDDED if CATALOG[name].architecture not in VISION_ARCHITECTURES]
+EMBEDDED_VISION = [name for name in EMBEDDED if CATALOG[name].architecture in VISION_ARCHITECTURES]
 HUB = [name for name, spec in CATALOG.items() if spec.repo]
 
 

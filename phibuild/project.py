@@ -15,7 +15,7 @@ from typing import Any
 
 from . import backends, sources
 from .backends import Backend
-from .catalog import ModelSpec
+from .catalog import VISION_ARCHITECTURES, ModelSpec
 from .config import Config, load
 from .environment import Environment
 from .errors import ConfigError, PhibuildError, SourceError, UnsupportedError
@@ -146,7 +146,8 @@ class Project:
             for model_name in self.config.models:
                 model, arch = self.config.model(model_name), architectures[model_name]
                 for precision in self.config.precisions:
-                    params = backend.params(precision, self.config.overrides(backend_name, precision))
+                    params = backend.params(precision, self.config.overrides(backend_name, precision),
+                                            arch in VISION_ARCHITECTURES)
                     reason = arch and backend.refuse(arch, precision, params)
                     if reason:
                         skipped.append(LeftOut(model_name, precision, backend_name, reason))

@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, Phi3Config
 from phibuild.backends import get
 from phibuild.backends.gguf import TYPES, llama, quantize
 from phibuild.backends.gguf.convert import O200K, Rope, convert
-from phibuild.catalog import EMBEDDED, EMBEDDED_DIR
+from phibuild.catalog import EMBEDDED_TEXT, EMBEDDED_DIR
 from phibuild.errors import ConfigError, UnsupportedError
 from phibuild.project import Project
 
@@ -40,7 +40,7 @@ TOKEN = gguf.TokenType
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> tuple[Path, Run]:
-    root = write_project(tmp_path_factory.mktemp("gguf"), EMBEDDED, ["gguf"], PRECISIONS)
+    root = write_project(tmp_path_factory.mktemp("gguf"), EMBEDDED_TEXT, ["gguf"], PRECISIONS)
     run = run_doit(root, "quantize")
     assert run.code == 0, run.output
     return root, run
@@ -79,7 +79,7 @@ def test_quantized_variants_share_one_conversion(built):
     root, run = built
     lock = lock_of(root)
     project = Project.load(root)
-    for model in EMBEDDED:
+    for model in EMBEDDED_TEXT:
         # one F16 conversion shared by int4 and int8, one F32 conversion that is the fp32 artifact
         assert run.built.count(f"{model}-gguf-f16") == run.built.count(f"{model}-gguf-f32") == 1
         int4, int8, fp32 = (lock[f"{model}-{p}-gguf"] for p in PRECISIONS)
@@ -90,7 +90,7 @@ def test_quantized_variants_share_one_conversion(built):
         converted = project.store.get(fp32["intermediate"]["key"]).artifact / "model.gguf"
         stored = project.store.get(fp32["key"]).artifact / "model.gguf"
         assert stored.stat().st_ino == converted.stat().st_ino  # a hardlink, not a second copy
-    assert set(run.built) == {f"{m}-gguf-{t}" for m in EMBEDDED for t in ("f16", "f32")} | set(lock)
+    assert set(run.built) == {f"{m}-gguf-{t}" for m in EMBEDDED_TEXT for t in ("f16", "f32")} | set(lock)
     assert {"llama-cpp-python", "gguf", "numpy"} <= set(lock["phi3-tiny-int4-gguf"]["versions"])
 
 
@@ -102,7 +102,7 @@ def test_smoke_checks_ran_and_are_recorded(built):
 
 
 def test_builds_are_byte_identical_across_projects(built, tmp_path):
-    root = write_project(tmp_path, EMBEDDED, ["gguf"], PRECISIONS)
+    root = write_project(tmp_path, EMBEDDED_TEXT, ["gguf"], PRECISIONS)
     assert run_doit(root, "quantize").code == 0
     first, second = lock_of(built[0]), lock_of(root)
     assert {n: e["files"] for n, e in first.items()} == {n: e["files"] for n, e in second.items()}
@@ -125,7 +125,7 @@ def test_thread_count_does_not_change_the_bytes(built, tmp_path):
 # -- what the GGUF holds -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model", EMBEDDED)
+@pytest.mark.parametrize("model", EMBEDDED_TEXT)
 def test_fp32_gives_the_logits_of_transformers(built, model):
     ids, expected = reference(model)
     got = llama_logits(artifact(built, model, "fp32"), ids)
@@ -135,7 +135,7 @@ def test_fp32_gives_the_logits_of_transformers(built, model):
     assert np.abs(got - expected).max() < 1e-4
 
 
-@pytest.mark.parametrize("model", EMBEDDED)
+@pytest.mark.parametrize("model", EMBEDDED_TEXT)
 def test_quantized_logits_are_close_and_measurably_lossy(built, model):
     ids, expected = reference(model)
     scale = np.abs(expected).max()
@@ -144,7 +144,7 @@ def test_quantized_logits_are_close_and_measurably_lossy(built, model):
         assert 1e-3 < error < bound * scale, (precision, error)
 
 
-@pytest.mark.parametrize("model", EMBEDDED)
+@pytest.mark.parametrize("model", EMBEDDED_TEXT)
 def test_llama_cpp_tokenizes_like_transformers(built, model):
     llm = llama_cpp.Llama(str(artifact(built, model, "int4")), vocab_only=True, verbose=False)
     hf = AutoTokenizer.from_pretrained(EMBEDDED_DIR / model)
@@ -154,7 +154,7 @@ def test_llama_cpp_tokenizes_like_transformers(built, model):
         assert llm.tokenize(text.encode(), add_bos=True, special=True) == hf(text).input_ids
 
 
-@pytest.mark.parametrize("model", EMBEDDED)
+@pytest.mark.parametrize("model", EMBEDDED_TEXT)
 def test_metadata_is_what_llama_cpp_reads(built, model):
     config = json.loads((EMBEDDED_DIR / model / "config.json").read_text())
     spec = tokenizer_file(EMBEDDED_DIR / model)
@@ -214,7 +214,7 @@ def test_metadata_is_what_llama_cpp_reads(built, model):
     assert meta["tokenizer.chat_template"] == (EMBEDDED_DIR / model / "chat_template.jinja").read_text()
 
 
-@pytest.mark.parametrize("model", EMBEDDED)
+@pytest.mark.parametrize("model", EMBEDDED_TEXT)
 def test_quantized_files_hold_the_asked_types(built, model):
     int4, int8 = fields(artifact(built, model, "int4")), fields(artifact(built, model, "int8"))
     assert int4["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_K_M

@@ -23,11 +23,11 @@ from mlx_lm import load
 from phibuild.backends import SMOKE_MESSAGES, Job
 from phibuild.backends import mlx as mlx_backend
 from phibuild.backends.mlx import MlxBackend, MlxRuntime, _gpu_arithmetic
-from phibuild.catalog import EMBEDDED, EMBEDDED_DIR
+from phibuild.catalog import EMBEDDED_TEXT, EMBEDDED_DIR
 from phibuild.errors import ConfigError, UnsupportedError
 from phibuild.project import Project
 
-MODELS = [*EMBEDDED, "moe-tiny"]
+MODELS = [*EMBEDDED_TEXT, "moe-tiny"]
 SMOKE = r"ok: [1-8] tokens from a Phi chat prompt: '.*'( \([1-8] of them padding ids past the tokenizer's tokens\))?"
 # float32 on both sides, same operations in a different order: logits of size ~10 agree to 1e-5.
 TOLERANCE = 1e-4
@@ -144,7 +144,7 @@ def test_past_the_cpu_bound_the_smoke_check_generates_one_token_and_says_so(buil
     assert last[bounded.tokens[0]] > last.max() - 1e-3
 
 
-@pytest.mark.parametrize("model", EMBEDDED)
+@pytest.mark.parametrize("model", EMBEDDED_TEXT)
 def test_fp32_gives_the_logits_of_transformers(built, model):
     # mlx-lm 0.31 applies LongRoPE's long factors at every position, transformers its short factors below
     # original_max_position_embeddings: the artifact carries the short factors as both, and so matches.
@@ -176,7 +176,7 @@ def test_fp32_moe_gives_the_logits_of_transformers_under_mlx_lms_routing(built, 
     assert settings["rope_theta"] == 1e6 and settings["rope_scaling"]["type"] == "longrope"
 
 
-@pytest.mark.parametrize("model", EMBEDDED)
+@pytest.mark.parametrize("model", EMBEDDED_TEXT)
 def test_int4_records_bits_and_group_size_and_packs_the_weights(built, model):
     target = f"{model}-int4-mlx"
     settings = config(built, target)

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from phibuild.backends import Job, onnx_quantize
 from phibuild.backends import onnx as onnx_backend
-from phibuild.catalog import EMBEDDED, EMBEDDED_DIR
+from phibuild.catalog import EMBEDDED_TEXT, EMBEDDED_DIR
 from phibuild.errors import ConfigError, UnsupportedError
 from phibuild.project import Project
 
@@ -28,7 +28,7 @@ SENTENCES = ["Return the absolute path of a file.", "os.path.join('a', 'b') == '
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
-    root = write_project(tmp_path_factory.mktemp("onnx"), EMBEDDED, ["onnx"], ["int4", "int8", "fp16", "fp32"])
+    root = write_project(tmp_path_factory.mktemp("onnx"), EMBEDDED_TEXT, ["onnx"], ["int4", "int8", "fp16", "fp32"])
     run = run_doit(root)
     assert run.code == 0
     return root
@@ -43,7 +43,7 @@ def onnx_logits(artifact: Path, ids: list[int]) -> np.ndarray:
     return np.array(generator.get_output("logits"))[0, -1]
 
 
-@pytest.mark.parametrize("model", EMBEDDED)
+@pytest.mark.parametrize("model", EMBEDDED_TEXT)
 def test_fp32_gives_the_logits_of_transformers(built, model):
     ids, reference = reference_logits(EMBEDDED_DIR / model, prompt_for(model))
     got = onnx_logits(built / "build" / f"{model}-fp32-onnx", ids)
@@ -51,7 +51,7 @@ def test_fp32_gives_the_logits_of_transformers(built, model):
     assert np.abs(got - reference).max() < 1e-3
 
 
-@pytest.mark.parametrize("model", EMBEDDED)
+@pytest.mark.parametrize("model", EMBEDDED_TEXT)
 def test_int4_is_matmulnbits_with_the_asked_block_size_and_measurably_lossy(built, model):
     artifact = built / "build" / f"{model}-int4-onnx"
     graph = onnx.load(artifact / "model.onnx").graph
@@ -81,7 +81,7 @@ def test_fp16_is_built_for_cuda_and_its_smoke_check_says_it_did_not_run(built):
     assert "cuda" in json.dumps(config["model"]["decoder"]["session_options"]["provider_options"])
 
 
-@pytest.mark.parametrize("model", EMBEDDED)
+@pytest.mark.parametrize("model", EMBEDDED_TEXT)
 def test_artifact_tokenizer_matches_the_models_own(built, model):
     tokenizer = og.Tokenizer(og.Model(str(built / "build" / f"{model}-int4-onnx")))
     reference = AutoTokenizer.from_pretrained(EMBEDDED_DIR / model)
@@ -130,7 +130,7 @@ def test_unsupported_pairs_are_refused_with_the_reason(tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["int4", "int8"])
-@pytest.mark.parametrize("model", EMBEDDED)
+@pytest.mark.parametrize("model", EMBEDDED_TEXT)
 def test_one_weight_at_a_time_writes_the_builders_own_bytes(tmp_path, monkeypatch, model, precision):
     # phibuild quantizes node by node to keep real-size builds small (onnx_quantize.py); the bytes must be those
     # of the builder's whole-model to_nbits, which runs when the replacement is switched off.

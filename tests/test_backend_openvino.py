@@ -27,11 +27,11 @@ from conftest import (
 
 from phibuild.backends import SMOKE_MESSAGES, SMOKE_TOKENS, Job, get
 from phibuild.backends.openvino import OpenvinoRuntime
-from phibuild.catalog import EMBEDDED, EMBEDDED_DIR
+from phibuild.catalog import EMBEDDED_TEXT, EMBEDDED_DIR
 from phibuild.errors import ConfigError, UnsupportedError
 from phibuild.project import Project
 
-FP32 = [f"{model}-fp32-openvino" for model in [*EMBEDDED, "phimoe-tiny"]]
+FP32 = [f"{model}-fp32-openvino" for model in [*EMBEDDED_TEXT, "phimoe-tiny"]]
 QUANTIZED = ["phi35-tiny-int4-openvino", "phi35-tiny-int8-openvino"]
 # fp32 IR against transformers in float32, on the same token ids: measured differences are below 1e-5.
 LOGIT_ATOL = 1e-4
@@ -108,7 +108,7 @@ def phimoe(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, phimoe) -> Path:
     """A project in which FP32 and QUANTIZED were built by `doit quantize:...`."""
-    root = write_project(tmp_path_factory.mktemp("main"), models=[*EMBEDDED, "phimoe-tiny"],
+    root = write_project(tmp_path_factory.mktemp("main"), models=[*EMBEDDED_TEXT, "phimoe-tiny"],
                          backends=["openvino"], precisions=["fp32", "int4", "int8"],
                          extra=model_table("phimoe-tiny", phimoe))
     run = run_doit(root, *(f"quantize:{name}" for name in FP32 + QUANTIZED))
@@ -135,14 +135,14 @@ def test_each_target_is_built_and_smoke_checked(built):
     assert lock.get("phi35-tiny-int4-openvino")["params"] == get("openvino").precisions["int4"]
 
 
-@pytest.mark.parametrize("model", [*EMBEDDED, "phimoe-tiny"])
+@pytest.mark.parametrize("model", [*EMBEDDED_TEXT, "phimoe-tiny"])
 def test_fp32_logits_match_transformers(built, phimoe, model):
     ids, expected = reference_logits(source_of(model, phimoe))
     logits = ir_logits(built / "build" / f"{model}-fp32-openvino", ids)
     np.testing.assert_allclose(logits, expected, rtol=0, atol=LOGIT_ATOL)
 
 
-@pytest.mark.parametrize("model", [*EMBEDDED, "phimoe-tiny"])
+@pytest.mark.parametrize("model", [*EMBEDDED_TEXT, "phimoe-tiny"])
 def test_smoke_check_generates_what_transformers_does(built, phimoe, model):
     """The exported tokenizer IR, its chat template and greedy decoding agree with transformers: the prompt the
     pipeline tokenizes is the one transformers' chat template makes, and each token it picks is transformers'

@@ -5,10 +5,17 @@ layout and embedding tying, with hidden and intermediate sizes that are multiple
 llama.cpp k-quants apply. Each is trained briefly on ``tools/corpus.txt`` so that its predictions are
 far from uniform and quantization error is measurable.
 
+The multimodal look-alike (``phi4-multimodal-tiny``, transformers' native ``Phi4MultimodalForCausalLM``) takes
+phi4-mini-tiny's tokenizer and trained decoder, adds Phi-4-multimodal's image and audio tokens and tiny,
+untrained (seeded) vision and audio encoders, and ships transformers' own processor with its real settings
+(448-pixel crops, up to 36 of them, 14-pixel patches). ``phibuild/eval/image.png``, the image its checks
+show it, is drawn here too.
+
 Deterministic: fixed seeds, one thread, no shuffling by wall clock. Run from the repository root:
 
     python tools/make_embedded_models.py            # all models
     python tools/make_embedded_models.py phi3-tiny  # one model
+    python tools/make_embedded_models.py image      # the image the multimodal checks show
 
 Needs torch, transformers, tokenizers and sentencepiece (``pip install -e ".[onnx]"`` has them).
 """
@@ -26,15 +33,27 @@ from pathlib import Path
 
 import sentencepiece as spm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerBase
+from PIL import Image, ImageDraw
+from transformers import (
+    AutoTokenizer,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Phi4MultimodalConfig,
+    Phi4MultimodalFeatureExtractor,
+    Phi4MultimodalForCausalLM,
+    Phi4MultimodalImageProcessor,
+    Phi4MultimodalProcessor,
+    PreTrainedTokenizerBase,
+)
 
 from phibuild.backends.gguf.convert import O200K
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "tools" / "corpus.txt"
 OUT = ROOT / "phibuild" / "embedded"
+IMAGE = ROOT / "phibuild" / "eval" / "image.png"
 
 # Phi-3 / 3.5: Llama SentencePiece pieces, then these added tokens from id len(pieces) on.
 PHI3_ADDED = [
@@ -282,6 +301,82 @@ def make(shape: Shape) -> None:
     save_weights(model, shape, out)
 
 
+@dataclass(frozen=True)
+class MultimodalShape:
+    """The multimodal look-alike: a text model above, and the tiny encoders it adds."""
+
+    name: str
+    imitates: str
+    text: str  # the embedded text model whose tokenizer and decoder it takes
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    audio_hidden: int = 64
+    seed: int = 44
+
+
+MULTIMODAL = [MultimodalShape("phi4-multimodal-tiny", "microsoft/Phi-4-multimodal-instruct", "phi4-mini-tiny")]
+
+
+def make_multimodal(shape: MultimodalShape) -> None:
+    """Phi-4-multimodal's layout in transformers' native classes, written by their own save_pretrained."""
+    text = OUT / shape.text
+    out = OUT / shape.name
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    # Phi-4-multimodal's tokenizer names its image and audio placeholders (<|endoftext10|> and 11, ids 200010
+    # and 200011, in the real one); here they follow phi4-mini-tiny's chat tokens.
+    placeholders = {"image_token": "<|image|>", "audio_token": "<|audio|>"}
+    tokenizer = AutoTokenizer.from_pretrained(text, extra_special_tokens=placeholders)
+    tokenizer.add_tokens(list(placeholders.values()), special_tokens=True)
+    image_id, audio_id = tokenizer.convert_tokens_to_ids(list(placeholders.values()))
+    base = json.loads((text / "config.json").read_text())
+    rope = base["rope_scaling"]
+    config = Phi4MultimodalConfig(
+        vocab_size=base["vocab_size"], hidden_size=base["hidden_size"], intermediate_size=base["intermediate_size"],
+        num_hidden_layers=base["num_hidden_layers"], num_attention_heads=base["num_attention_heads"],
+        num_key_value_heads=base["num_key_value_heads"], max_position_embeddings=base["max_position_embeddings"],
+        original_max_position_embeddings=base["original_max_position_embeddings"],
+        tie_word_embeddings=base["tie_word_embeddings"], bos_token_id=base["bos_token_id"],
+        eos_token_id=base["eos_token_id"], pad_token_id=base["pad_token_id"],
+        rope_parameters={"rope_type": "longrope", "rope_theta": base["rope_theta"],
+                         "partial_rotary_factor": base["partial_rotary_factor"],
+                         "long_factor": rope["long_factor"], "short_factor": rope["short_factor"],
+                         "original_max_position_embeddings": base["original_max_position_embeddings"]},
+        vision_config={"hidden_size": shape.vision_hidden, "intermediate_size": 2 * shape.vision_hidden,
+                       "num_hidden_layers": shape.vision_layers, "num_attention_heads": 2,
+                       "image_token_id": image_id},
+        audio_config={"hidden_size": shape.audio_hidden, "intermediate_size": 2 * shape.audio_hidden,
+                      "num_blocks": 1, "num_attention_heads": 2, "ext_pw_out_channel": shape.audio_hidden,
+                      "depthwise_separable_out_channel": shape.audio_hidden,
+                      "nemo_conv_channels": shape.audio_hidden, "audio_token_id": audio_id},
+    )
+    torch.manual_seed(shape.seed)
+    model = Phi4MultimodalForCausalLM(config)
+    trained = load_file(text / "model.safetensors")
+    state = model.state_dict()
+    for name, tensor in trained.items():  # the decoder's tensors have the same names in both classes
+        state[name].copy_(tensor)
+    model.to(torch.bfloat16).save_pretrained(out)
+    (out / "model.safetensors").chmod(0o644)
+    tokenizer.save_pretrained(out)
+    processor = Phi4MultimodalProcessor(image_processor=Phi4MultimodalImageProcessor(),
+                                        audio_processor=Phi4MultimodalFeatureExtractor(), tokenizer=tokenizer,
+                                        chat_template=(text / "chat_template.jinja").read_text())
+    processor.save_pretrained(out)
+    shutil.copy(text / "generation_config.json", out / "generation_config.json")
+
+
+def make_image() -> None:
+    """A small picture (a red circle, a blue square, a green bar on white) for the smoke and parity checks:
+    smaller than one crop, so the processor adds its global view and one tile, as for any photo."""
+    image = Image.new("RGB", (96, 64), "white")
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((6, 6, 42, 42), fill=(220, 30, 30))
+    draw.rectangle((52, 10, 88, 46), fill=(30, 60, 220))
+    draw.rectangle((4, 52, 92, 60), fill=(20, 160, 60))
+    image.save(IMAGE, optimize=False)
+
+
 def main(names: list[str]) -> None:
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
@@ -289,6 +384,12 @@ def main(names: list[str]) -> None:
         if not names or shape.name in names:
             print(f"making {shape.name} (shape of {shape.imitates})", flush=True)
             make(shape)
+    for multimodal in MULTIMODAL:
+        if not names or multimodal.name in names:
+            print(f"making {multimodal.name} (shape of {multimodal.imitates}, on {multimodal.text})", flush=True)
+            make_multimodal(multimodal)
+    if not names or "image" in names:
+        make_image()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ declares
   fails, naming it, so a new one cannot be missed silently;
 - ``precisions``: for each of int4/int8/fp16/fp32 the default parameters, all of which enter the key
   and can be overridden in ``[tool.phibuild.params.<backend>]`` / ``[...<backend>.<precision>]``;
+  ``vision_defaults`` (optional): other defaults for multimodal models (the cookbook's vision recipes);
 - ``architectures``: the Hugging Face architectures it can build;
 - ``unlinkable`` (optional): output files its readers refuse as hardlinks, shown under ``build/`` as copies;
 - ``unsupported`` (optional): Phi architectures it cannot build, with the reason users are told;
@@ -51,6 +52,14 @@ PRECISIONS = ("int4", "int8", "fp16", "fp32")
 # Phi's chat format; the smoke checks of every backend generate from this prompt.
 SMOKE_MESSAGES = [{"role": "user", "content": "What does os.path.join do?"}]
 SMOKE_TOKENS = 8
+# Multimodal models: the same kind of chat prompt, about a small picture shipped with phibuild (drawn by
+# tools/make_embedded_models.py). Each runtime marks the image in its own way (transformers' <|image|>,
+# <|image_1|> in ONNX Runtime GenAI and OpenVINO GenAI) and expands it to the same image tokens.
+SMOKE_IMAGE = Path(__file__).parent.parent / "eval" / "image.png"
+SMOKE_QUESTION = "What is shown in this image?"
+# What the fidelity step says of a multimodal artifact: its parity with transformers on the image prompt is
+# tested (tests/test_vision.py), its KL over image-and-text prompts not measured yet.
+VISION_FIDELITY = "the fidelity of multimodal artifacts on image-and-text prompts is not measured yet"
 
 # What transformers and torch import when they find it installed (measured by building every embedded model
 # in a fresh process with everything phibuild offers installed; see tests/test_toolchain.py).
@@ -75,6 +84,14 @@ class Job:
     params: dict[str, Any]
     intermediate: Path | None = None  # the shared first step's output, when the backend has one
     trust_remote_code: bool = False  # the model's own opt-in to running code from its directory
+
+    @property
+    def vision(self) -> bool:
+        """Whether the source reads images as well as text (a multimodal architecture)."""
+        from ..catalog import VISION_ARCHITECTURES
+        from ..sources import architecture
+
+        return architecture(self.source) in VISION_ARCHITECTURES
 
 
 @dataclass(frozen=True)
@@ -198,6 +215,7 @@ class Backend:
     unlinkable: ClassVar[tuple[str, ...]] = ()  # output globs shown as copies, never hardlinks of the store
     unsupported: ClassVar[dict[str, str]] = {}  # Phi architectures it cannot build, and why
     optional_imports: ClassVar[tuple[str, ...]] = ()  # imported when installed; in the key when installed
+    vision_defaults: ClassVar[dict[str, dict[str, Any]]] = {}  # multimodal models' defaults, where they differ
 
     def machine(self, environment: Environment, params: dict[str, Any]) -> dict[str, str]:
         """What of this machine and its installed software the bytes made with ``params`` depend on, beyond
@@ -206,13 +224,16 @@ class Backend:
         architecture, so that is the least it says."""
         return {"platform": platform_tag()}
 
-    def params(self, precision: str, overrides: dict[str, Any]) -> dict[str, Any]:
-        """Defaults for ``precision`` with ``overrides`` applied; unknown names are an error."""
+    def params(self, precision: str, overrides: dict[str, Any], vision: bool = False) -> dict[str, Any]:
+        """Defaults for ``precision`` (a multimodal model's own where ``vision_defaults`` has them) with
+        ``overrides`` applied; unknown names are an error."""
         if precision not in self.precisions:
             raise ConfigError(
                 f"backend {self.name} has no precision {precision!r}; choose one of {', '.join(self.precisions)}"
             )
         params = dict(self.precisions[precision])
+        if vision:
+            params.update(self.vision_defaults.get(precision, {}))
         unknown = sorted(set(overrides) - set(params))
         if unknown:
             raise ConfigError(
@@ -263,6 +284,12 @@ class Backend:
     def runtime(self, artifact: Path, job: Job) -> Runtime:
         """``artifact`` loaded in the backend's runtime with its defaults; raises CannotRun when it cannot run
         here."""
+        raise NotImplementedError
+
+    def image_logits(self, artifact: Path, job: Job) -> Any:
+        """A multimodal artifact's next-token logits (float32, [vocab]) after the chat prompt asking
+        ``SMOKE_QUESTION`` about ``SMOKE_IMAGE``, computed in the backend's runtime in float32: what the parity
+        check compares with transformers."""
         raise NotImplementedError
 
     def fidelity_cause(self, model: Any, precision: str, params: dict[str, Any]) -> str | None:

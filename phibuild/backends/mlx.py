@@ -86,6 +86,14 @@ class MlxBackend(Backend):
     optional_imports = TRANSFORMERS_OPTIONAL
     recipe = 2  # 2: LongRoPE staged with its short factors
     architectures = frozenset(MODEL_TYPES)
+    # mlx-vlm is what converts vision models for MLX. Measured with the project's pins: 0.6.5 and later need
+    # transformers >= 5.14; 0.6.4 and earlier need datasets, no release of which allows huggingface-hub 1.21 and
+    # fsspec 2026.9. Installed without its dependencies, 0.6.4's phi4mm (no HD crops, pooling, separators or
+    # longrope) was 4.6 off transformers in the logits of phi4-multimodal-tiny's image prompt.
+    unsupported: ClassVar[dict[str, str]] = dict.fromkeys(
+        ("Phi3VForCausalLM", "Phi4MMForCausalLM", "Phi4MultimodalForCausalLM"),
+        "mlx-vlm, which converts vision models, installs beside transformers 5.5 in no release (it needs "
+        "transformers >= 5.14, or datasets that the pinned huggingface-hub and fsspec exclude)")
     precisions: ClassVar[dict[str, dict[str, Any]]] = {
         "int4": {"bits": 4, **QUANTIZED},
         "int8": {"bits": 8, **QUANTIZED, "dtype": "float16"},

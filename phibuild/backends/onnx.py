@@ -50,6 +50,11 @@ class OnnxBackend(Backend):
     extra = "onnx"
     optional_imports = TRANSFORMERS_OPTIONAL
     architectures = frozenset({"Phi3ForCausalLM", "Phi3SmallForCausalLM", "PhiMoEForCausalLM"})
+    # The builder makes only the text decoder of these; their image encoders are exported by the repositories' own
+    # scripts, for their own code (phibuild exports the native Phi4MultimodalForCausalLM's: onnx_vision.py).
+    unsupported = dict.fromkeys(("Phi3VForCausalLM", "Phi4MMForCausalLM"),
+                                "the builder makes only its text decoder, and phibuild exports the image encoder "
+                                "of the native Phi4MultimodalForCausalLM layout only")
     # onnx.load refuses external data that is a hardlink or symlink (its guard against path tricks).
     unlinkable = ("*.onnx.data",)
     precisions = {

@@ -37,7 +37,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BuildError, file_system_error
-from . import SMOKE_MESSAGES, SMOKE_TOKENS, TRANSFORMERS_OPTIONAL, Backend, Job, Runtime, Smoke, cpu_flags, replaced
+from . import (
+    SMOKE_MESSAGES,
+    SMOKE_TOKENS,
+    TRANSFORMERS_OPTIONAL,
+    VISION_FIDELITY,
+    Backend,
+    CannotRun,
+    Job,
+    Runtime,
+    Smoke,
+    cpu_flags,
+    replaced,
+)
 
 if TYPE_CHECKING:
     from optimum.intel import OVWeightQuantizationConfig
@@ -58,13 +70,20 @@ NUMPY_COMPRESSION = "NNCF_DISABLE_OPTIMIZED_COMPRESSION"
 BF16_FLAGS = {"avx512_bf16", "amx_bf16"}  # what makes the CPU plugin execute in bf16 by default
 
 
+TITLE = "OpenVINO"
+# optimum-intel 2.2.0 exports the hub's multimodal layouts with their own code, and only under transformers
+# <= 4.53.3; phibuild lifts that cap for the native layout alone, whose export it has verified.
+REMOTE_VISION = "optimum-intel 2.2.0 exports its own-code layout only under transformers <= 4.53.3 (pinned: 5.5.4)"
+
+
 class OpenvinoBackend(Backend):
     name = "openvino"
-    title = "OpenVINO"
+    title = TITLE
     extra = "openvino"
     optional_imports = (*TRANSFORMERS_OPTIONAL, "onnx", "ml-dtypes")
     # Phi-3.5-MoE's hub config says PhiMoE (its remote code); transformers writes Phimoe for the same model.
-    architectures = frozenset({"Phi3ForCausalLM", "PhiMoEForCausalLM", "PhimoeForCausalLM"})
+    architectures = frozenset({"Phi3ForCausalLM", "PhiMoEForCausalLM", "PhimoeForCausalLM",
+                               "Phi4MultimodalForCausalLM"})  # openvino_vision.py
     recipe = 2  # 2: fp16 keeps the rotary constants in f32
     # int4 defaults are the Phi Cookbook's OpenVINO recipe (optimum-cli --weight-format int4 --sym
     # --group-size 128 --ratio 0.6). optimum-intel's own default for Phi-3.5/4-mini, applied by model id, is
@@ -77,8 +96,13 @@ class OpenvinoBackend(Backend):
         "fp32": {},
     }
 
-    unsupported = {"Phi3SmallForCausalLM": "optimum-intel has no OpenVINO export for Phi-3-small (build it with "
-                                           "onnx)"}
+    # The cookbook's vision recipe: INT4_SYM in groups of 64 for the language model.
+    vision_defaults = {"int4": {"group_size": 64}}
+
+    unsupported = {
+        "Phi3SmallForCausalLM": "optimum-intel has no OpenVINO export for Phi-3-small (build it with onnx)",
+        **dict.fromkeys(("Phi3VForCausalLM", "Phi4MMForCausalLM"), REMOTE_VISION),
+    }
 
     def check_params(self, precision: str, params: dict[str, Any]) -> str | None:
         flags = [name for name in ("sym", "all_layers", "awq") if not isinstance(params.get(name, False), bool)]
@@ -101,12 +125,16 @@ class OpenvinoBackend(Backend):
         from optimum.exporters.openvino import main_export
         from optimum.intel import OVConfig
 
+        if job.vision:
+            from . import openvino_vision
+
+            return openvino_vision.build(job)
         source, output = job.source, job.output
-        weights = _weight_config(job.precision, job.params)
+        weights = weight_config(job.precision, job.params)
         # fp16 is exported in f32 and compressed by _rewrite, which keeps the rotary constants in f32
         ov_config = OVConfig(quantization_config=weights) if weights else OVConfig(dtype="fp32")
         try:
-            with _quiet(), _reference_rope():
+            with quiet(), _reference_rope():
                 main_export(str(source), output, task=TASK, ov_config=ov_config, convert_tokenizer=True,
                             library_name="transformers", local_files_only=True,
                             trust_remote_code=job.trust_remote_code)
@@ -119,16 +147,13 @@ class OpenvinoBackend(Backend):
         if missing:
             raise BuildError(f"{self.title} export wrote no {', '.join(missing)} in {output} "
                              "(the tokenizer conversion needs openvino-tokenizers and a tokenizer.json)")
-        try:
-            _rewrite(output, job.precision, weights, output.parent / "rewrite")
-        except OSError as exc:
-            raise file_system_error(exc, f"{self.title}: writing the IR") from exc
-        except Exception as exc:
-            what = "NNCF weight compression" if weights else "rewriting the IR"
-            raise BuildError(f"{self.title}: {what} failed: {type(exc).__name__}: {exc}") from exc
+        steps = dict.fromkeys(IRS)
+        steps["openvino_model"] = weights or (FP16_ROTARY if job.precision == "fp16" else None)
+        rewrite(output, steps, bool(weights))
 
     def smoke(self, artifact: Path, job: Job) -> Smoke:
-        """Generate with openvino_genai.LLMPipeline, the runtime an OpenVINO IR LLM is deployed with.
+        """Generate with openvino_genai.LLMPipeline, the runtime an OpenVINO IR LLM is deployed with (a multimodal
+        model: VLMPipeline, in openvino_vision.py).
 
         It reads the exported tokenizer/detokenizer IR and the chat template they carry, so the check
         covers everything the artifact ships, not only the model IR (OVModelForCausalLM would use the
@@ -136,6 +161,10 @@ class OpenvinoBackend(Backend):
         """
         import openvino_genai
 
+        if job.vision:
+            from . import openvino_vision
+
+            return openvino_vision.smoke(artifact, job)
         pipeline = openvino_genai.LLMPipeline(str(artifact), "CPU")
         tokenizer = pipeline.get_tokenizer()
         prompt = tokenizer.apply_chat_template(SMOKE_MESSAGES, add_generation_prompt=True)
@@ -145,7 +174,14 @@ class OpenvinoBackend(Backend):
         tokens = tuple(int(token) for token in pipeline.generate(inputs, config).tokens[0])
         return Smoke.generated(self.title, tokens, tokenizer.decode(list(tokens)))
 
+    def image_logits(self, artifact: Path, job: Job) -> Any:
+        from . import openvino_vision
+
+        return openvino_vision.image_logits(artifact, job)
+
     def runtime(self, artifact: Path, job: Job) -> Runtime:
+        if job.vision:
+            raise CannotRun(VISION_FIDELITY)
         import openvino
 
         return OpenvinoRuntime(openvino.Core().compile_model(artifact / "openvino_model.xml", "CPU"))
@@ -190,7 +226,7 @@ def _inputs(ids, past: int) -> dict:
             "position_ids": np.arange(past, past + n, dtype=np.int64)[None], "beam_idx": np.zeros(1, dtype=np.int32)}
 
 
-def _weight_config(precision: str, params: dict[str, Any]) -> OVWeightQuantizationConfig | None:
+def weight_config(precision: str, params: dict[str, Any]) -> OVWeightQuantizationConfig | None:
     """optimum-intel's weight compression config for ``precision``, or None for fp16/fp32."""
     from optimum.intel import OVWeightQuantizationConfig
 
@@ -204,9 +240,23 @@ def _weight_config(precision: str, params: dict[str, Any]) -> OVWeightQuantizati
     return None
 
 
-def _rewrite(directory: Path, precision: str, weights, scratch: Path) -> None:
-    """Compress the model's weights with NNCF (int4/int8) or to f16 (fp16), then renumber counter-made names in
-    every IR.
+FP16, FP16_ROTARY = "fp16", "fp16 keeping the rotary constants in f32"  # what _rewrite does to an IR's weights
+
+
+def rewrite(directory: Path, steps: dict[str, Any], compressing: bool) -> None:
+    """``_rewrite`` in a scratch directory beside ``directory``, its failures said as the build's."""
+    try:
+        _rewrite(directory, steps, directory.parent / "rewrite")
+    except OSError as exc:
+        raise file_system_error(exc, f"{TITLE}: writing the IR") from exc
+    except Exception as exc:
+        what = "NNCF weight compression" if compressing else "rewriting the IR"
+        raise BuildError(f"{TITLE}: {what} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _rewrite(directory: Path, steps: dict[str, Any], scratch: Path) -> None:
+    """Compress each IR's weights as ``steps`` says (for each IR stem: an optimum-intel weight config, run by NNCF;
+    FP16 or FP16_ROTARY; or None), then renumber counter-made names in it.
 
     OpenVINO names a node nobody named after a process-wide counter (``Constant_193436``, ``Model96``), so
     the XML of the same build would depend on what the process did before: another export, or NNCF compiling
@@ -216,16 +266,19 @@ def _rewrite(directory: Path, precision: str, weights, scratch: Path) -> None:
     import openvino
     import openvino_tokenizers  # noqa: F401  (lets openvino.Core read the tokenizer operations)
     from nncf.common.utils.helpers import set_env_variable
+    from openvino._offline_transformations import compress_model_transformation
 
     core = openvino.Core()
     scratch.mkdir()
-    for stem in IRS:
+    for stem, step in steps.items():
         model = core.read_model(directory / f"{stem}.xml")
-        if stem == "openvino_model" and weights is not None:
-            with set_env_variable(NUMPY_COMPRESSION, "1"):
-                model = nncf.compress_weights(model, **weights.to_nncf_dict())
-        elif stem == "openvino_model" and precision == "fp16":
+        if step == FP16_ROTARY:
             _fp16_keeping_rotary(model)
+        elif step == FP16:
+            compress_model_transformation(model)
+        elif step is not None:
+            with set_env_variable(NUMPY_COMPRESSION, "1"):
+                model = nncf.compress_weights(model, **step.to_nncf_dict())
         _renumber(model, stem)
         openvino.save_model(model, scratch / f"{stem}.xml", compress_to_fp16=False)
         del model  # the original .bin is memory-mapped until then
@@ -338,7 +391,7 @@ def _reference_rope() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
     """Silence what an export says about model code (tracer and deprecation warnings, weight loading bars)."""
     from transformers.utils import logging as hf_logging
 

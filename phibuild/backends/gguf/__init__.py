@@ -40,7 +40,14 @@ class GgufBackend(Backend):
         "fp32": {"type": "F32", "base": "f32"},
     }
 
-    unsupported = {"Phi3SmallForCausalLM": "llama.cpp has no architecture for Phi-3-small (build it with onnx)"}
+    unsupported = {
+        "Phi3SmallForCausalLM": "llama.cpp has no architecture for Phi-3-small (build it with onnx)",
+        "Phi3VForCausalLM": "llama.cpp has no Phi-3.5-vision support (no mmproj projector for it)",
+        # Its "phi4" projector is Phi-4-reasoning-vision's; on phi4-multimodal-tiny it was 4.5 off in the logits.
+        **dict.fromkeys(("Phi4MMForCausalLM", "Phi4MultimodalForCausalLM"),
+                        "llama.cpp's phi4 mmproj is Phi-4-reasoning-vision's: no HD crops, 2x2 pooling or "
+                        "separators, so Phi-4-multimodal's image tokens come out wrong"),
+    }
 
     def check_params(self, precision: str, params: dict[str, Any]) -> str | None:
         kind, base = params["type"], params["base"]

@@ -1,0 +1,166 @@
+"""OpenVINO IR of Phi-4-multimodal, transformers' native ``Phi4MultimodalForCausalLM``, through optimum-intel's
+``image-text-to-text`` export: one IR per part (language model, text embeddings, vision embeddings and projection,
+the audio parts) and the tokenizer IRs, as ``optimum-cli export openvino --task image-text-to-text`` writes them.
+
+Weights follow the Phi cookbook's vision recipe as optimum-intel applies a weight format to a multimodal model:
+the language model is compressed with the target's parameters (int4 defaults: INT4_SYM, groups of 64, ratio
+0.6), every other part to INT8_SYM per channel; fp16 stores every part in f16 (the language model keeping its
+rotary constants in f32, as for the text models); fp32 is the export as it is.
+
+Two things in optimum-intel 2.2.0 stop the export under transformers 5, and ``_export_patches`` changes both for
+the export alone: it exports this model type only under transformers <= 4.53.3 (the cap is lifted to the
+installed version, which the key holds), and its replacement of the vision encoder's forward asks the encoder
+for its hidden states, which transformers 5 gathers with hooks that do not fire inside the replacement (the
+replacement here runs the layers itself, with an explicit bidirectional mask). Measured on phi4-multimodal-tiny:
+the fp32 IR's logits on an image prompt are transformers' to 1e-5; a build in a fresh process and one after
+other exports give the same bytes (``_rewrite`` renumbers counter-made names in every IR).
+
+openvino_genai's VLMPipeline (2026.4) runs this layout under the hub's model type, ``phi4mm``, and refuses the
+name ``phi4_multimodal``; the smoke check opens the artifact through a directory of links whose config.json says
+``phi4mm`` (the IR's inputs and outputs are the ones that path reads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..errors import BuildError, file_system_error
+from . import SMOKE_IMAGE, SMOKE_QUESTION, SMOKE_TOKENS, Job, Smoke, replaced
+from .openvino import FP16, FP16_ROTARY, TITLE, quiet, rewrite, weight_config
+
+TASK = "image-text-to-text"
+LANGUAGE = "openvino_language_model"
+# What VLMPipeline reads; the audio parts are exported too, and compressed like the vision parts.
+IRS = (LANGUAGE, "openvino_text_embeddings_model", "openvino_vision_embeddings_model",
+       "openvino_vision_projection_model", "openvino_tokenizer", "openvino_detokenizer")
+GENAI_MODEL_TYPE = "phi4mm"
+
+
+def build(job: Job) -> None:
+    """Export in float32, then compress and renumber each IR (``openvino._rewrite``)."""
+    from optimum.exporters.openvino import main_export
+    from optimum.intel import OVConfig, OVWeightQuantizationConfig
+
+    source, output = job.source, job.output
+    try:
+        with quiet(), _export_patches():
+            main_export(str(source), output, task=TASK, ov_config=OVConfig(dtype="fp32"), convert_tokenizer=True,
+                        library_name="transformers", local_files_only=True, trust_remote_code=job.trust_remote_code)
+    except OSError as exc:
+        raise file_system_error(exc, f"{TITLE} export of {source}") from exc
+    except Exception as exc:
+        raise BuildError(f"{TITLE} export of {source} failed: {type(exc).__name__}: {exc}") from exc
+    missing = [f"{stem}{suffix}" for stem in IRS for suffix in (".xml", ".bin")
+               if not (output / f"{stem}{suffix}").is_file()]
+    if missing:
+        raise BuildError(f"{TITLE} export wrote no {', '.join(missing)} in {output}")
+    weights = weight_config(job.precision, job.params)
+    parts = {path.stem: None for path in sorted(output.glob("openvino_*_model.xml"))}
+    if weights is not None:
+        others = OVWeightQuantizationConfig(bits=8, sym=True, group_size=-1, ratio=1.0)
+        steps = {stem: weights if stem == LANGUAGE else others for stem in parts}
+    elif job.precision == "fp16":
+        steps = {stem: FP16_ROTARY if stem == LANGUAGE else FP16 for stem in parts}
+    else:
+        steps = parts
+    rewrite(output, {**steps, "openvino_tokenizer": None, "openvino_detokenizer": None}, weights is not None)
+
+
+def smoke(artifact: Path, job: Job) -> Smoke:
+    """Generate with openvino_genai.VLMPipeline from a chat prompt with the image phibuild ships."""
+    import numpy as np
+    import openvino
+    import openvino_genai
+    from PIL import Image
+
+    with _as_genai_model(artifact) as directory:
+        pipeline = openvino_genai.VLMPipeline(str(directory), "CPU")
+        image = openvino.Tensor(np.array(Image.open(SMOKE_IMAGE).convert("RGB"), dtype=np.uint8)[None])
+        config = openvino_genai.GenerationConfig(max_new_tokens=SMOKE_TOKENS, do_sample=False)
+        result = pipeline.generate(f"<|image_1|>{SMOKE_QUESTION}", images=[image], generation_config=config)
+        text = result.texts[0]
+        tokens = pipeline.get_tokenizer().encode(text, add_special_tokens=False).input_ids.data[0].tolist()
+        prompt = result.perf_metrics.get_num_input_tokens()
+    return Smoke.generated(f"{TITLE} GenAI", tokens, text,
+                           f", with {SMOKE_IMAGE.name} ({prompt} prompt tokens, image included)")
+
+
+def image_logits(artifact: Path, job: Job) -> Any:
+    """The last position's logits of the image prompt, through optimum-intel's OVModelForVisualCausalLM with the
+    CPU plugin in f32 (its default on a CPU with bf16 arithmetic is bf16)."""
+    import numpy as np
+    import torch
+    from optimum.intel import OVModelForVisualCausalLM
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(artifact)
+    text = processor.tokenizer.apply_chat_template([{"role": "user", "content": f"<|image|>{SMOKE_QUESTION}"}],
+                                                   add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=text, images=[Image.open(SMOKE_IMAGE)], return_tensors="pt")
+    model = OVModelForVisualCausalLM.from_pretrained(artifact, local_files_only=True,
+                                                     ov_config={"INFERENCE_PRECISION_HINT": "f32"})
+    with torch.no_grad():
+        return np.asarray(model(**inputs).logits[0, -1], dtype=np.float32)
+
+
+@contextlib.contextmanager
+def _as_genai_model(artifact: Path) -> Iterator[Path]:
+    """A directory of links to ``artifact``'s files, with a config.json naming the model type VLMPipeline knows."""
+    with tempfile.TemporaryDirectory(prefix="phibuild-genai-") as scratch:
+        directory = Path(scratch)
+        for path in artifact.iterdir():
+            if path.name != "config.json":
+                os.symlink(path.resolve(), directory / path.name)
+        config = json.loads((artifact / "config.json").read_text())
+        config["model_type"] = GENAI_MODEL_TYPE
+        (directory / "config.json").write_text(json.dumps(config))
+        yield directory
+
+
+@contextlib.contextmanager
+def _export_patches() -> Iterator[None]:
+    """optimum-intel's Phi-4-multimodal export, made to run under the installed transformers 5 (module docstring)."""
+    import transformers
+    from optimum.exporters.openvino import model_configs, model_patcher
+
+    patcher = model_patcher.Phi4MMVisionEmbeddingsPatcher
+    their_enter = patcher.__enter__
+
+    def enter(self):
+        their_enter(self)
+        encoder = self._model.img_processor
+        encoder.forward = types.MethodType(_vision_forward, encoder)  # their __exit__ puts _orig_forward back
+        return self
+
+    with replaced(model_configs.Phi4MMOpenVINOConfig, MAX_TRANSFORMERS_VERSION=transformers.__version__), \
+            replaced(patcher, __enter__=enter):
+        yield
+
+
+def _vision_forward(self, pixel_values, patch_attention_mask=None, position_ids=None, **kwargs):
+    """The SigLIP encoder's forward returning every layer's hidden states, as transformers 4 did."""
+    import torch
+    from transformers.modeling_attn_mask_utils import _prepare_4d_attention_mask
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    batch, patch = pixel_values.size(0), self.config.patch_size
+    if patch_attention_mask is None:
+        patch_attention_mask = torch.ones((batch, pixel_values.size(2) // patch, pixel_values.size(3) // patch),
+                                          dtype=torch.bool, device=pixel_values.device)
+    hidden = self.embeddings(pixel_values=pixel_values, patch_attention_mask=patch_attention_mask,
+                             position_ids=position_ids)
+    # Always an explicit mask: transformers 5 drops an all-ones one, and its vision attention is marked causal.
+    mask = _prepare_4d_attention_mask(patch_attention_mask.view(batch, -1), hidden.dtype)
+    states = [hidden]
+    for layer in self.encoder.layers:
+        hidden = layer(hidden, mask)
+        states.append(hidden)
+    return BaseModelOutputWithPooling(last_hidden_state=self.post_layernorm(hidden), hidden_states=tuple(states))
