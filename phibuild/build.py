@@ -26,6 +26,7 @@ from pathlib import Path
 
 from . import sources
 from .backends import Job, console_kept
+from .catalog import VISION_ARCHITECTURES
 from .environment import covered_only, imports_outside, not_covered
 from .errors import BuildError, LockError, UnsupportedError
 from .hashing import FileDigest, digest_files
@@ -198,8 +199,9 @@ def lock_entry(project: Project, plan: Plan, entry: Entry, locked: LockEntry | N
 
 def _job(plan: Plan, output: Path, intermediate: Path | None = None) -> Job:
     target = plan.target
+    vision = sources.architecture(plan.source.directory) in VISION_ARCHITECTURES
     return Job(plan.source.directory, output, target.precision, dict(target.params), intermediate,
-               target.model.trust_remote_code)
+               target.model.trust_remote_code, vision)
 
 
 def _check_source(target: Target, directory: Path) -> None:

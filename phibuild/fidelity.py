@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from . import build
-from .backends import TRANSFORMERS_OPTIONAL, CannotRun, Job, console_kept, platform_tag
+from .backends import SMOKE_IMAGE, SMOKE_QUESTION, TRANSFORMERS_OPTIONAL, CannotRun, Job, console_kept, platform_tag
+from .catalog import VISION_ARCHITECTURES
 from .environment import covered_only
 from .errors import BuildError, ConfigError, LockError
-from .hashing import digest_json
+from .hashing import digest_json, hash_file
 from .project import Plan, Project, Target, frozen
 from .records import MEASUREMENT, REFERENCE, Fidelity, KeyParts
 from .status import status as artifact_status
@@ -78,7 +79,7 @@ def measure(project: Project, target: Target) -> Measured:
                                 lambda output: _make_reference(project, plan, reference, output))
     parts = measurement_parts(project, plan, reference.key)
     job = Job(artifact.artifact, artifact.artifact, target.precision, dict(target.params),
-              trust_remote_code=target.model.trust_remote_code)
+              trust_remote_code=target.model.trust_remote_code, vision=vision(project, plan))
     entry, how = build.obtain(project, parts, f"{target.name}-fidelity", None,
                               lambda output: _make_measurement(plan, job, ref_entry.artifact, output))
     record = _record(json.loads((entry.artifact / METRICS).read_text()), reference.key, parts.key)
@@ -139,6 +140,8 @@ def reference_parts(project: Project, plan: Plan) -> KeyParts:
         raise ConfigError(f"the fidelity reference needs {exc}, which is not installed: "
                           f"pip install 'phibuild[{EXTRA}]'") from None
     params = {"eval_text": digest, "windows": windows, "length": length}
+    if vision(project, plan):  # the text follows the image prompt
+        params.update(image=hash_file(SMOKE_IMAGE).xxh3_128, question=SMOKE_QUESTION)
     return KeyParts(plan.parts.source, REFERENCE, toolchain, REFERENCE, params, REFERENCE_RECIPE,
                     {"platform": platform_tag()}, plan.parts.trust_remote_code)
 
@@ -171,13 +174,39 @@ def _make_reference(project: Project, plan: Plan, parts: KeyParts, output: Path)
             raise ConfigError(f"the evaluation text {text} is {len(ids)} tokens long for {plan.target.model.name}; "
                               f"{windows} windows of {length} need {needed}")
         tokens = np.array(ids[:needed], dtype=np.int32).reshape(windows, length + 1)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=remote)
-        with torch.no_grad():
-            logits = model(torch.from_numpy(tokens[:, :-1]).long()).logits
+        if vision(project, plan):
+            logits = _after_image_prompt(source, remote, tokens[:, :-1])
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=remote)
+            with torch.no_grad():
+                logits = model(torch.from_numpy(tokens[:, :-1]).long()).logits
         logprobs = torch.log_softmax(logits.double(), dim=-1).float().numpy()
     np.save(output / "tokens.npy", tokens)
     np.save(output / "logprobs.npy", logprobs)
     return build.Made()
+
+
+def vision(project: Project, plan: Plan) -> bool:
+    """Whether the model reads images: its text is then measured after the image prompt."""
+    return project.architecture(plan.target.model) in VISION_ARCHITECTURES
+
+
+def _after_image_prompt(source: str, remote: bool, windows: Any) -> Any:
+    """Logits of each window's tokens following the image prompt (``backends.image_prompt``), [windows, length,
+    vocab]. Eager attention: with SDPA, transformers 5.5's Phi-4-multimodal vision encoder runs causally on a
+    crop without padding (its attention is marked causal and an all-ones mask is dropped), which no runtime does."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    from .backends import image_prompt
+
+    prompt = image_prompt.inputs(AutoProcessor.from_pretrained(source, trust_remote_code=remote))
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=remote,
+                                                 attn_implementation="eager")
+    start = prompt["input_ids"].shape[1]
+    with torch.no_grad():
+        return torch.stack([model(**image_prompt.followed_by(prompt, window)).logits[0, start:]
+                            for window in windows.tolist()])
 
 
 def _make_measurement(plan: Plan, job: Job, reference: Path, output: Path) -> build.Made:

@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, Phi3Config
 from phibuild.backends import get
 from phibuild.backends.gguf import TYPES, llama, quantize
 from phibuild.backends.gguf.convert import O200K, Rope, convert
-from phibuild.catalog import EMBEDDED_TEXT, EMBEDDED_DIR
+from phibuild.catalog import EMBEDDED_DIR, EMBEDDED_TEXT
 from phibuild.errors import ConfigError, UnsupportedError
 from phibuild.project import Project
 

@@ -23,7 +23,7 @@ from mlx_lm import load
 from phibuild.backends import SMOKE_MESSAGES, Job
 from phibuild.backends import mlx as mlx_backend
 from phibuild.backends.mlx import MlxBackend, MlxRuntime, _gpu_arithmetic
-from phibuild.catalog import EMBEDDED_TEXT, EMBEDDED_DIR
+from phibuild.catalog import EMBEDDED_DIR, EMBEDDED_TEXT
 from phibuild.errors import ConfigError, UnsupportedError
 from phibuild.project import Project
 

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from phibuild.backends import Job, onnx_quantize
 from phibuild.backends import onnx as onnx_backend
-from phibuild.catalog import EMBEDDED_TEXT, EMBEDDED_DIR
+from phibuild.catalog import EMBEDDED_DIR, EMBEDDED_TEXT
 from phibuild.errors import ConfigError, UnsupportedError
 from phibuild.project import Project
 

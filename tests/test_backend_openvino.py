@@ -27,7 +27,7 @@ from conftest import (
 
 from phibuild.backends import SMOKE_MESSAGES, SMOKE_TOKENS, Job, get
 from phibuild.backends.openvino import OpenvinoRuntime
-from phibuild.catalog import EMBEDDED_TEXT, EMBEDDED_DIR
+from phibuild.catalog import EMBEDDED_DIR, EMBEDDED_TEXT
 from phibuild.errors import ConfigError, UnsupportedError
 from phibuild.project import Project
 

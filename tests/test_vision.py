@@ -77,7 +77,7 @@ def test_built_and_smoke_checked_with_the_image(built, backend, precision):
 @pytest.mark.parametrize(("backend", "precision"), TARGETS)
 def test_image_logits_match_transformers(built, reference, backend, precision):
     artifact = built / "build" / f"{MODEL}-{precision}-{backend}"
-    logits = get(backend).image_logits(artifact, Job(SOURCE, artifact, precision, {}))
+    logits = get(backend).image_logits(artifact, Job(SOURCE, artifact, precision, {}, vision=True))
     assert logits.shape == reference.shape
     if precision == "fp32":
         np.testing.assert_allclose(logits, reference, rtol=0, atol=FP32_ATOL)
@@ -91,6 +91,21 @@ def test_rebuild_gives_identical_bytes(built, backend):
     run = run_doit(built, f"reproduce:{MODEL}-int4-{backend}")
     assert run.code == 0, run.output
     assert f"{MODEL}-int4-{backend}: reproducible" in run.output
+
+
+@pytest.mark.parametrize(("backend", "precision"), TARGETS)
+def test_fidelity_is_measured_after_the_image_prompt(built, backend, precision):
+    """The fidelity step measures the text that follows the image prompt, in the runtime's defaults, and gates it."""
+    name = f"{MODEL}-{precision}-{backend}"
+    run = run_doit(built, f"fidelity:{name}")
+    assert run.code == 0, run.output
+    record = lock_of(built)[name]["fidelity"]
+    assert "after an image prompt of" in record["runtime"], record
+    assert record["tokens"] == 2048 and 0 <= record["kl"] <= get_gate(built, precision)
+
+
+def get_gate(root: Path, precision: str) -> float:
+    return Project.load(root).config.gate(precision)["kl"]
 
 
 def test_every_other_backend_says_why_it_cannot(tmp_path):

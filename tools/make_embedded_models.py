@@ -33,9 +33,9 @@ from pathlib import Path
 
 import sentencepiece as spm
 import torch
+from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from PIL import Image, ImageDraw
 from transformers import (
     AutoTokenizer,
     Phi3Config,
@@ -367,9 +367,11 @@ def make_multimodal(shape: MultimodalShape) -> None:
 
 
 def make_image() -> None:
-    """A small picture (a red circle, a blue square, a green bar on white) for the smoke and parity checks:
-    smaller than one crop, so the processor adds its global view and one tile, as for any photo."""
-    image = Image.new("RGB", (96, 64), "white")
+    """A small picture (a red circle, a blue square, a green bar on light grey) for the smoke and parity checks:
+    smaller than one crop, so the processor adds its global view and one tile, as for any photo. Not on white: the
+    processor pads with white, and onnxruntime-genai cannot tell an image's white edge from padding
+    (backends/onnx_vision.py)."""
+    image = Image.new("RGB", (96, 64), (235, 235, 235))
     draw = ImageDraw.Draw(image)
     draw.ellipse((6, 6, 42, 42), fill=(220, 30, 30))
     draw.rectangle((52, 10, 88, 46), fill=(30, 60, 220))

@@ -57,9 +57,6 @@ SMOKE_TOKENS = 8
 # <|image_1|> in ONNX Runtime GenAI and OpenVINO GenAI) and expands it to the same image tokens.
 SMOKE_IMAGE = Path(__file__).parent.parent / "eval" / "image.png"
 SMOKE_QUESTION = "What is shown in this image?"
-# What the fidelity step says of a multimodal artifact: its parity with transformers on the image prompt is
-# tested (tests/test_vision.py), its KL over image-and-text prompts not measured yet.
-VISION_FIDELITY = "the fidelity of multimodal artifacts on image-and-text prompts is not measured yet"
 
 # What transformers and torch import when they find it installed (measured by building every embedded model
 # in a fresh process with everything phibuild offers installed; see tests/test_toolchain.py).
@@ -84,14 +81,7 @@ class Job:
     params: dict[str, Any]
     intermediate: Path | None = None  # the shared first step's output, when the backend has one
     trust_remote_code: bool = False  # the model's own opt-in to running code from its directory
-
-    @property
-    def vision(self) -> bool:
-        """Whether the source reads images as well as text (a multimodal architecture)."""
-        from ..catalog import VISION_ARCHITECTURES
-        from ..sources import architecture
-
-        return architecture(self.source) in VISION_ARCHITECTURES
+    vision: bool = False  # the model reads images as well as text (catalog.VISION_ARCHITECTURES)
 
 
 @dataclass(frozen=True)

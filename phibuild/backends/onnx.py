@@ -49,7 +49,8 @@ class OnnxBackend(Backend):
     title = "ONNX Runtime GenAI"
     extra = "onnx"
     optional_imports = TRANSFORMERS_OPTIONAL
-    architectures = frozenset({"Phi3ForCausalLM", "Phi3SmallForCausalLM", "PhiMoEForCausalLM"})
+    architectures = frozenset({"Phi3ForCausalLM", "Phi3SmallForCausalLM", "PhiMoEForCausalLM",
+                               "Phi4MultimodalForCausalLM"})  # onnx_vision.py
     # The builder makes only the text decoder of these; their image encoders are exported by the repositories' own
     # scripts, for their own code (phibuild exports the native Phi4MultimodalForCausalLM's: onnx_vision.py).
     unsupported = dict.fromkeys(("Phi3VForCausalLM", "Phi4MMForCausalLM"),
@@ -87,6 +88,10 @@ class OnnxBackend(Backend):
         return None
 
     def build(self, job: Job) -> None:
+        if job.vision:
+            from . import onnx_vision
+
+            return onnx_vision.build(job)
         from onnxruntime_genai.models import builder
         from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
@@ -95,8 +100,8 @@ class OnnxBackend(Backend):
         params = dict(job.params)
         provider = params.pop("execution_provider")
         # hf_remote is the builder's trust_remote_code: off unless the model opted in.
-        options = [f"{key}={_option(value)}" for key, value in sorted(params.items())]
-        options.append(f"hf_remote={_option(job.trust_remote_code)}")
+        options = [f"{key}={option(value)}" for key, value in sorted(params.items())]
+        options.append(f"hf_remote={option(job.trust_remote_code)}")
         source, output, cache = str(job.source), str(job.output), job.output.parent / "builder-cache"
         try:
             with machine_independent() as calls, one_weight_at_a_time(defining(builder.Phi3MiniModel, "to_nbits")):
@@ -114,6 +119,10 @@ class OnnxBackend(Backend):
         provider = job.params["execution_provider"]
         if provider != "cpu":
             return Smoke(False, f"built for the {provider} execution provider; this check runs on the CPU only")
+        if job.vision:
+            from . import onnx_vision
+
+            return onnx_vision.smoke(artifact, job)
         import onnxruntime_genai as og
 
         model = og.Model(str(artifact))
@@ -134,9 +143,18 @@ class OnnxBackend(Backend):
         provider = job.params["execution_provider"]
         if provider != "cpu":
             raise CannotRun(f"built for the {provider} execution provider; this machine runs the CPU one only")
+        if job.vision:
+            from .onnx_vision import VisionRuntime
+
+            return VisionRuntime(artifact)
         import onnxruntime_genai as og
 
         return GenaiRuntime(og.Model(str(artifact)))
+
+    def image_logits(self, artifact: Path, job: Job) -> Any:
+        from . import onnx_vision
+
+        return onnx_vision.image_logits(artifact, job)
 
 
 class GenaiRuntime(Runtime):
@@ -238,7 +256,7 @@ def defining(cls: type, name: str) -> type:
     return next(base for base in cls.__mro__ if name in base.__dict__)
 
 
-def _option(value: Any) -> str:
+def option(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 

@@ -41,9 +41,7 @@ from . import (
     SMOKE_MESSAGES,
     SMOKE_TOKENS,
     TRANSFORMERS_OPTIONAL,
-    VISION_FIDELITY,
     Backend,
-    CannotRun,
     Job,
     Runtime,
     Smoke,
@@ -181,7 +179,9 @@ class OpenvinoBackend(Backend):
 
     def runtime(self, artifact: Path, job: Job) -> Runtime:
         if job.vision:
-            raise CannotRun(VISION_FIDELITY)
+            from .openvino_vision import VisionRuntime
+
+            return VisionRuntime(artifact)
         import openvino
 
         return OpenvinoRuntime(openvino.Core().compile_model(artifact / "openvino_model.xml", "CPU"))

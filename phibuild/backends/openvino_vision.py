@@ -26,13 +26,14 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ..errors import BuildError, file_system_error
-from . import SMOKE_IMAGE, SMOKE_QUESTION, SMOKE_TOKENS, Job, Smoke, replaced
+from . import SMOKE_IMAGE, SMOKE_QUESTION, SMOKE_TOKENS, Job, Runtime, Smoke, replaced
 from .openvino import FP16, FP16_ROTARY, TITLE, quiet, rewrite, weight_config
 
 TASK = "image-text-to-text"
@@ -93,22 +94,53 @@ def smoke(artifact: Path, job: Job) -> Smoke:
 
 
 def image_logits(artifact: Path, job: Job) -> Any:
-    """The last position's logits of the image prompt, through optimum-intel's OVModelForVisualCausalLM with the
-    CPU plugin in f32 (its default on a CPU with bf16 arithmetic is bf16)."""
-    import numpy as np
-    import torch
-    from optimum.intel import OVModelForVisualCausalLM
-    from PIL import Image
-    from transformers import AutoProcessor
+    """The last position's logits of the image prompt, with the CPU plugin in f32 (its default on a CPU with bf16
+    arithmetic is bf16)."""
+    runtime = VisionRuntime(artifact, {"INFERENCE_PRECISION_HINT": "f32"})
+    return runtime.forward(runtime.prompt)[-1]
 
-    processor = AutoProcessor.from_pretrained(artifact)
-    text = processor.tokenizer.apply_chat_template([{"role": "user", "content": f"<|image|>{SMOKE_QUESTION}"}],
-                                                   add_generation_prompt=True, tokenize=False)
-    inputs = processor(text=text, images=[Image.open(SMOKE_IMAGE)], return_tensors="pt")
-    model = OVModelForVisualCausalLM.from_pretrained(artifact, local_files_only=True,
-                                                     ov_config={"INFERENCE_PRECISION_HINT": "f32"})
-    with torch.no_grad():
-        return np.asarray(model(**inputs).logits[0, -1], dtype=np.float32)
+
+class VisionRuntime(Runtime):
+    """The artifact in optimum-intel's OVModelForVisualCausalLM, its text after the image prompt."""
+
+    def __init__(self, artifact: Path, settings: dict[str, str] | None = None):
+        import openvino
+        from optimum.intel import OVModelForVisualCausalLM
+        from transformers import AutoProcessor
+
+        from . import image_prompt
+
+        self.prompt = image_prompt.inputs(AutoProcessor.from_pretrained(artifact))
+        self.model = OVModelForVisualCausalLM.from_pretrained(artifact, local_files_only=True, ov_config=settings)
+        precision = (settings or {}).get("INFERENCE_PRECISION_HINT") or openvino.Core().get_property(
+            "CPU", "INFERENCE_PRECISION_HINT").to_string()
+        self.settings = (f"OpenVINO CPU plugin, inference precision {precision}, after an image prompt of "
+                         f"{self.prompt['input_ids'].shape[1]} tokens")
+
+    def forward(self, inputs: Any) -> Any:
+        """Logits at every position of ``inputs`` (the processor's tensors), float32."""
+        import numpy as np
+        import torch
+
+        with torch.no_grad():
+            return np.asarray(self.model(**inputs).logits[0], dtype=np.float32)
+
+    def logits(self, ids):
+        from . import image_prompt
+
+        return self.forward(image_prompt.followed_by(self.prompt, ids))[self.prompt["input_ids"].shape[1]:]
+
+    def decode(self, ids, count):
+        """optimum-intel's generate after the image prompt and ``ids``: ``count`` tokens less one, timed."""
+        from . import image_prompt
+
+        inputs = image_prompt.followed_by(self.prompt, ids)
+        times = []
+        for tokens in (1, count + 1):
+            start = time.perf_counter()
+            self.model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+            times.append(time.perf_counter() - start)
+        return count / (times[1] - times[0])
 
 
 @contextlib.contextmanager
