@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 from . import __version__
-from .backends import SMOKE_MESSAGES
+from .backends import SMOKE_MESSAGES, SMOKE_QUESTION
 from .records import LockEntry
 
 # The library the hub files each artifact under, and the packages whose versions a reader wants first.
@@ -55,6 +55,48 @@ model, tokenizer = load(".")
 prompt = tokenizer.apply_chat_template([{{"role": "user", "content": "{QUESTION}"}}], add_generation_prompt=True)
 print(generate(model, tokenizer, prompt=prompt, max_tokens=128))''',
 }
+# Multimodal artifacts (phi4_multimodal): the file that says so, and how to run one with an image.
+VISION_FILES = {"onnx": "vision.onnx", "openvino": "openvino_vision_embeddings_model.xml"}
+VISION_RUN = {
+    "onnx": f'''import json
+
+import onnxruntime  # noqa: F401  (before onnxruntime_genai: 0.18 aborts when it loads onnxruntime itself)
+import onnxruntime_genai as og
+
+model = og.Model(".")
+tokenizer = og.Tokenizer(model)
+prompt = tokenizer.apply_chat_template(json.dumps([{{"role": "user", "content": "<|image_1|>{SMOKE_QUESTION}"}}]),
+                                       add_generation_prompt=True)
+inputs = model.create_multimodal_processor()(prompt, images=og.Images.open("image.png"))
+params = og.GeneratorParams(model)
+params.set_search_options(max_length=4096)
+generator = og.Generator(model, params)
+generator.set_inputs(inputs)
+stream = tokenizer.create_stream()
+while not generator.is_done():
+    generator.generate_next_token()
+    print(stream.decode(generator.get_next_tokens()[0]), end="", flush=True)''',
+    "openvino": f'''from optimum.intel import OVModelForVisualCausalLM
+from PIL import Image
+from transformers import AutoProcessor
+
+processor = AutoProcessor.from_pretrained(".")
+model = OVModelForVisualCausalLM.from_pretrained(".")
+text = processor.tokenizer.apply_chat_template([{{"role": "user", "content": "<|image|>{SMOKE_QUESTION}"}}],
+                                               add_generation_prompt=True, tokenize=False)
+inputs = processor(text=text, images=[Image.open("image.png")], return_tensors="pt")
+reply = model.generate(**inputs, max_new_tokens=128)[0, inputs["input_ids"].shape[1]:]
+print(processor.tokenizer.decode(reply, skip_special_tokens=True))''',
+}
+VISION_INSTALL = {"onnx": "pip install onnxruntime-genai", "openvino": "pip install optimum-intel openvino pillow"}
+VISION_LIMITATIONS = {
+    "onnx": ["One image per prompt, and no audio (the speech model is not exported).",
+             "onnxruntime-genai 0.18 hands the vision model broken crop masks; the model rebuilds them from the "
+             "image's token count and pixels, and takes a pure white strip of the image next to the padding for "
+             "padding."],
+    "openvino": ["openvino_genai.VLMPipeline 2026.4 runs this layout only under the name phi4mm: give it a copy (or "
+                 "links) of this directory whose config.json says \"model_type\": \"phi4mm\"."],
+}
 # llama-cpp-python built for this CPU's instruction sets, without llama.cpp's AMX kernels (see LIMITATIONS)
 AMX_FREE_INSTALL = ('CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON '
                     '-DGGML_AVX512=ON" pip install --no-cache-dir --force-reinstall --no-deps llama-cpp-python')
@@ -83,6 +125,9 @@ def model_card(name: str, entry: LockEntry) -> str:
     """The card of artifact ``name``, in Markdown with the hub's YAML front matter."""
     parts = entry.parts
     backend = parts.backend
+    vision = VISION_FILES.get(backend) in entry.files
+    run, install = (VISION_RUN, VISION_INSTALL) if vision else (RUN, INSTALL)
+    limitations = [*LIMITATIONS.get(backend, ()), *(VISION_LIMITATIONS.get(backend, ()) if vision else ())]
     size = sum(file.size for file in entry.files.values())
     repo = entry.source.removeprefix("hf:").split("@")[0] if entry.source.startswith("hf:") else None
     front = {
@@ -90,7 +135,7 @@ def model_card(name: str, entry: LockEntry) -> str:
         **({"base_model_revision": entry.revision} if entry.revision else {}),
         "license": entry.license or "other",
         "library_name": LIBRARIES.get(backend, backend),
-        "pipeline_tag": "text-generation",
+        "pipeline_tag": "image-text-to-text" if vision else "text-generation",
         "tags": ["phibuild", backend, parts.precision,
                  *(str(value) for key, value in sorted(parts.params.items()) if key == "type")],
     }
@@ -99,7 +144,8 @@ def model_card(name: str, entry: LockEntry) -> str:
     versions = ", ".join(f"{p} {packages[p]}" for p in MAIN_PACKAGES.get(backend, ()) if p in packages)
     params = ", ".join(f"`{key} = {json.dumps(value)}`" for key, value in sorted(parts.params.items())) or "none"
     files = "\n".join(f"| `{file}` | {want.size} | `{want.sha256}` |" for file, want in sorted(entry.files.items()))
-    limits = "\n".join(f"- {text}" for text in LIMITATIONS.get(backend, ()))
+    limits = "\n".join(f"- {text}" for text in limitations)
+    prompt = "from a Phi chat prompt with an image" if vision else "from a Phi chat prompt"
     return f"""---
 {_yaml(front)}---
 
@@ -122,15 +168,15 @@ the digest of everything that made these bytes, and `doit reproduce` rebuilds th
 
 ## How to run it
 
-In the model's directory, after `{INSTALL.get(backend, "")}`:
+In the model's directory, after `{install.get(backend, "")}`{" (image.png: your picture)" if vision else ""}:
 
 ```python
-{RUN.get(backend, "")}
+{run.get(backend, "")}
 ```
 
 ## Checks
 
-- Smoke check, in {LIBRARIES.get(backend, backend)}'s runtime, greedy, from a Phi chat prompt: {entry.smoke.summary()}
+- Smoke check, in {LIBRARIES.get(backend, backend)}'s runtime, greedy, {prompt}: {entry.smoke.summary()}
 - Fidelity against the source model in float32 transformers, over held-out text: {_fidelity(entry)}
 
 ## Limitations

@@ -7,6 +7,9 @@ tolerance, and a rebuild gives the same bytes. Every backend that cannot build i
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,7 @@ from conftest import lock_of, run_doit, write_project
 from phibuild.backends import MODULES, SMOKE_IMAGE, SMOKE_QUESTION, SMOKE_TOKENS, Job, get
 from phibuild.catalog import EMBEDDED_DIR, EMBEDDED_VISION
 from phibuild.project import Project
+from phibuild.release import CARD
 
 MODEL = "phi4-multimodal-tiny"
 SOURCE = EMBEDDED_DIR / MODEL
@@ -106,6 +110,24 @@ def test_fidelity_is_measured_after_the_image_prompt(built, backend, precision):
 
 def get_gate(root: Path, precision: str) -> float:
     return Project.load(root).config.gate(precision)["kl"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_released_card_says_how_to_run_it_with_an_image_and_its_snippet_runs(built, backend, tmp_path):
+    from huggingface_hub import ModelCard
+
+    name = f"{MODEL}-int4-{backend}"
+    if not (built / "release" / name).is_dir():
+        assert run_doit(built, "release").code == 0
+    text = (built / "release" / name / CARD).read_text()
+    assert ModelCard(text).data.pipeline_tag == "image-text-to-text"
+    snippet = text.split("```python\n", 1)[1].split("```", 1)[0]
+    copy = tmp_path / "copy"
+    shutil.copytree(built / "release" / name, copy)
+    shutil.copy(SMOKE_IMAGE, copy / "image.png")
+    ran = subprocess.run([sys.executable, "-c", snippet], cwd=copy, capture_output=True, text=True, timeout=600)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert ran.stdout.strip(), "the snippet generated nothing"
 
 
 def test_every_other_backend_says_why_it_cannot(tmp_path):
