@@ -44,9 +44,12 @@ QUANTIZED = {"execution_provider": "cpu", "block_size": 32, "is_symmetric": True
              "accuracy_level": 4}
 
 
+TITLE = "ONNX Runtime GenAI"
+
+
 class OnnxBackend(Backend):
     name = "onnx"
-    title = "ONNX Runtime GenAI"
+    title = TITLE
     extra = "onnx"
     optional_imports = TRANSFORMERS_OPTIONAL
     architectures = frozenset({"Phi3ForCausalLM", "Phi3SmallForCausalLM", "PhiMoEForCausalLM",
@@ -92,28 +95,7 @@ class OnnxBackend(Backend):
             from . import onnx_vision
 
             return onnx_vision.build(job)
-        from onnxruntime_genai.models import builder
-        from onnxruntime_genai.models.builder import create_model, parse_extra_options
-
-        # The quantizer configures the root logger at INFO on import: one line per tensor. Keep warnings.
-        logging.getLogger("onnxruntime").setLevel(logging.WARNING)
-        params = dict(job.params)
-        provider = params.pop("execution_provider")
-        # hf_remote is the builder's trust_remote_code: off unless the model opted in.
-        options = [f"{key}={option(value)}" for key, value in sorted(params.items())]
-        options.append(f"hf_remote={option(job.trust_remote_code)}")
-        source, output, cache = str(job.source), str(job.output), job.output.parent / "builder-cache"
-        try:
-            with machine_independent() as calls, one_weight_at_a_time(defining(builder.Phi3MiniModel, "to_nbits")):
-                extra = parse_extra_options(source, source, output, job.precision, provider, str(cache), options)
-                create_model(source, source, output, job.precision, provider, str(cache), **extra)
-        finally:
-            shutil.rmtree(cache, ignore_errors=True)
-        if not (job.output / "genai_config.json").is_file():
-            raise BuildError(f"{self.title} model builder wrote no genai_config.json in {job.output}")
-        if not calls:
-            raise BuildError(f"{self.title} model builder did not compute its rotary caches where phibuild makes "
-                             "them the same on every CPU (a builder phibuild does not know?); nothing was published")
+        return run_builder(job, job.source)
 
     def smoke(self, artifact: Path, job: Job) -> Smoke:
         provider = job.params["execution_provider"]
@@ -188,6 +170,34 @@ class GenaiRuntime(Runtime):
         for _ in range(count):
             generator.generate_next_token()
         return count / (time.perf_counter() - start)
+
+
+def run_builder(job: Job, source: Path, *options: str) -> None:
+    """The model builder, in-process, from ``source`` into ``job.output`` with the job's precision and parameters
+    and the builder's extra ``options``; its CPU-dependent steps made machine-independent and int4/int8 quantized
+    one weight at a time."""
+    from onnxruntime_genai.models import builder
+    from onnxruntime_genai.models.builder import create_model, parse_extra_options
+
+    # The quantizer configures the root logger at INFO on import: one line per tensor. Keep warnings.
+    logging.getLogger("onnxruntime").setLevel(logging.WARNING)
+    params = dict(job.params)
+    provider = params.pop("execution_provider")
+    # hf_remote is the builder's trust_remote_code: off unless the model opted in.
+    extra_options = [f"{key}={option(value)}" for key, value in sorted(params.items())]
+    extra_options += [f"hf_remote={option(job.trust_remote_code)}", *options]
+    path, output, cache = str(source), str(job.output), job.output.parent / "builder-cache"
+    try:
+        with machine_independent() as calls, one_weight_at_a_time(defining(builder.Phi3MiniModel, "to_nbits")):
+            extra = parse_extra_options(path, path, output, job.precision, provider, str(cache), extra_options)
+            create_model(path, path, output, job.precision, provider, str(cache), **extra)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    if not (job.output / "genai_config.json").is_file():
+        raise BuildError(f"{TITLE} model builder wrote no genai_config.json in {job.output}")
+    if not calls:
+        raise BuildError(f"{TITLE} model builder did not compute its rotary caches where phibuild makes them the "
+                         "same on every CPU (a builder phibuild does not know?); nothing was published")
 
 
 @contextlib.contextmanager

@@ -37,7 +37,6 @@ One image per prompt; no speech (the speech model is not exported).
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import time
 import warnings
@@ -51,8 +50,8 @@ from torch import nn
 from .. import sources
 from ..errors import BuildError
 from . import SMOKE_IMAGE, SMOKE_QUESTION, SMOKE_TOKENS, Job, Runtime, Smoke
+from .onnx import TITLE, run_builder
 
-TITLE = "ONNX Runtime GenAI"
 GENAI_IMAGE_TOKEN = 200010  # <|endoftext10|>, the only image token onnxruntime-genai's phi4mm processor expands
 OPSET = 17
 
@@ -65,7 +64,7 @@ def build(job: Job) -> None:
     staged = scratch / "vision-source"
     try:
         _stage(job.source, staged, job.trust_remote_code)
-        _build_decoder(job, staged)
+        run_builder(job, staged, "exclude_embeds=true", "filename=decoder.onnx")
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     options = dict(local_files_only=True, trust_remote_code=job.trust_remote_code)
@@ -172,32 +171,6 @@ def _stage(source: Path, staged: Path, trust_remote_code: bool) -> None:
             link.write_text(json.dumps(config, indent=2))
         else:
             link.symlink_to(path.resolve())
-
-
-def _build_decoder(job: Job, staged: Path) -> None:
-    from onnxruntime_genai.models import builder
-    from onnxruntime_genai.models.builder import create_model, parse_extra_options
-
-    from .onnx import defining, machine_independent, option
-    from .onnx_quantize import one_weight_at_a_time
-
-    logging.getLogger("onnxruntime").setLevel(logging.WARNING)  # the quantizer logs every tensor at INFO
-    params = dict(job.params)
-    provider = params.pop("execution_provider")
-    options = [f"{key}={option(value)}" for key, value in sorted(params.items())]
-    options += [f"hf_remote={option(job.trust_remote_code)}", "exclude_embeds=true", "filename=decoder.onnx"]
-    source, output, cache = str(staged), str(job.output), job.output.parent / "builder-cache"
-    try:
-        with machine_independent() as calls, one_weight_at_a_time(defining(builder.Phi3MiniModel, "to_nbits")):
-            extra = parse_extra_options(source, source, output, job.precision, provider, str(cache), options)
-            create_model(source, source, output, job.precision, provider, str(cache), **extra)
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
-    if not (job.output / "genai_config.json").is_file():
-        raise BuildError(f"{TITLE} model builder wrote no genai_config.json in {job.output}")
-    if not calls:
-        raise BuildError(f"{TITLE} model builder did not compute its rotary caches where phibuild makes them the "
-                         "same on every CPU (a builder phibuild does not know?); nothing was published")
 
 
 def _export(model, images, scratch: Path, output: Path) -> None:

@@ -120,34 +120,19 @@ class OpenvinoBackend(Backend):
         return None
 
     def build(self, job: Job) -> None:
-        from optimum.exporters.openvino import main_export
         from optimum.intel import OVConfig
 
         if job.vision:
             from . import openvino_vision
 
             return openvino_vision.build(job)
-        source, output = job.source, job.output
         weights = weight_config(job.precision, job.params)
         # fp16 is exported in f32 and compressed by _rewrite, which keeps the rotary constants in f32
         ov_config = OVConfig(quantization_config=weights) if weights else OVConfig(dtype="fp32")
-        try:
-            with quiet(), _reference_rope():
-                main_export(str(source), output, task=TASK, ov_config=ov_config, convert_tokenizer=True,
-                            library_name="transformers", local_files_only=True,
-                            trust_remote_code=job.trust_remote_code)
-        except OSError as exc:
-            raise file_system_error(exc, f"{self.title} export of {source}") from exc
-        except Exception as exc:
-            raise BuildError(f"{self.title} export of {source} failed: {type(exc).__name__}: {exc}") from exc
-        missing = [f"{stem}{suffix}" for stem in IRS for suffix in (".xml", ".bin")
-                   if not (output / f"{stem}{suffix}").is_file()]
-        if missing:
-            raise BuildError(f"{self.title} export wrote no {', '.join(missing)} in {output} "
-                             "(the tokenizer conversion needs openvino-tokenizers and a tokenizer.json)")
+        export(job, TASK, ov_config, _reference_rope(), IRS)
         steps = dict.fromkeys(IRS)
         steps["openvino_model"] = weights or (FP16_ROTARY if job.precision == "fp16" else None)
-        rewrite(output, steps, bool(weights))
+        rewrite(job.output, steps, bool(weights))
 
     def smoke(self, artifact: Path, job: Job) -> Smoke:
         """Generate with openvino_genai.LLMPipeline, the runtime an OpenVINO IR LLM is deployed with (a multimodal
@@ -241,6 +226,27 @@ def weight_config(precision: str, params: dict[str, Any]) -> OVWeightQuantizatio
 
 
 FP16, FP16_ROTARY = "fp16", "fp16 keeping the rotary constants in f32"  # what _rewrite does to an IR's weights
+
+
+def export(job: Job, task: str, ov_config: Any, patches: contextlib.AbstractContextManager,
+           irs: tuple[str, ...]) -> None:
+    """optimum-intel's export of ``job.source`` for ``task`` into ``job.output``, tokenizer IRs included, inside
+    ``patches``; its failures, and an IR of ``irs`` it did not write, said as the build's."""
+    from optimum.exporters.openvino import main_export
+
+    try:
+        with quiet(), patches:
+            main_export(str(job.source), job.output, task=task, ov_config=ov_config, convert_tokenizer=True,
+                        library_name="transformers", local_files_only=True, trust_remote_code=job.trust_remote_code)
+    except OSError as exc:
+        raise file_system_error(exc, f"{TITLE} export of {job.source}") from exc
+    except Exception as exc:
+        raise BuildError(f"{TITLE} export of {job.source} failed: {type(exc).__name__}: {exc}") from exc
+    missing = [f"{stem}{suffix}" for stem in irs for suffix in (".xml", ".bin")
+               if not (job.output / f"{stem}{suffix}").is_file()]
+    if missing:
+        raise BuildError(f"{TITLE} export wrote no {', '.join(missing)} in {job.output} "
+                         "(the tokenizer conversion needs openvino-tokenizers and a tokenizer.json)")
 
 
 def rewrite(directory: Path, steps: dict[str, Any], compressing: bool) -> None:

@@ -32,9 +32,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import BuildError, file_system_error
 from . import SMOKE_IMAGE, SMOKE_QUESTION, SMOKE_TOKENS, Job, Runtime, Smoke, replaced
-from .openvino import FP16, FP16_ROTARY, TITLE, quiet, rewrite, weight_config
+from .openvino import FP16, FP16_ROTARY, TITLE, export, rewrite, weight_config
 
 TASK = "image-text-to-text"
 LANGUAGE = "openvino_language_model"
@@ -46,22 +45,10 @@ GENAI_MODEL_TYPE = "phi4mm"
 
 def build(job: Job) -> None:
     """Export in float32, then compress and renumber each IR (``openvino._rewrite``)."""
-    from optimum.exporters.openvino import main_export
     from optimum.intel import OVConfig, OVWeightQuantizationConfig
 
-    source, output = job.source, job.output
-    try:
-        with quiet(), _export_patches():
-            main_export(str(source), output, task=TASK, ov_config=OVConfig(dtype="fp32"), convert_tokenizer=True,
-                        library_name="transformers", local_files_only=True, trust_remote_code=job.trust_remote_code)
-    except OSError as exc:
-        raise file_system_error(exc, f"{TITLE} export of {source}") from exc
-    except Exception as exc:
-        raise BuildError(f"{TITLE} export of {source} failed: {type(exc).__name__}: {exc}") from exc
-    missing = [f"{stem}{suffix}" for stem in IRS for suffix in (".xml", ".bin")
-               if not (output / f"{stem}{suffix}").is_file()]
-    if missing:
-        raise BuildError(f"{TITLE} export wrote no {', '.join(missing)} in {output}")
+    export(job, TASK, OVConfig(dtype="fp32"), _export_patches(), IRS)
+    output = job.output
     weights = weight_config(job.precision, job.params)
     parts = {path.stem: None for path in sorted(output.glob("openvino_*_model.xml"))}
     if weights is not None:
