@@ -26,8 +26,9 @@ SOURCE = EMBEDDED_DIR / MODEL
 BACKENDS = [name for name in MODULES if "Phi4MultimodalForCausalLM" in get(name).architectures]
 PRECISIONS = ["fp32", "int4"]
 TARGETS = [(backend, precision) for backend in BACKENDS for precision in PRECISIONS]
-FP32_ATOL = 1e-3  # measured: 4e-6 (OpenVINO); float32 kernels differ a little between CPUs
-INT4_KL = 0.02  # nats, the reference's next-token distribution against the artifact's; measured 3.5e-4 (OpenVINO)
+FP32_ATOL = 1e-3  # measured: 3e-6 (OpenVINO), 6e-5 (ONNX); float32 kernels differ a little between CPUs
+INT4_KL = 0.02  # nats, the reference's next-token distribution against the artifact's; measured 4e-4 (OpenVINO),
+# 2e-3 (ONNX)
 
 
 @pytest.fixture(scope="module")
