@@ -206,6 +206,11 @@ def _job(plan: Plan, output: Path, intermediate: Path | None = None) -> Job:
 
 def _check_source(target: Target, directory: Path) -> None:
     architecture = sources.architecture(directory)
+    if architecture in VISION_ARCHITECTURES and target.model.architecture is None and target.model.path is None:
+        # Its defaults and its fidelity step are chosen before anything is downloaded.
+        raise UnsupportedError(f"{target.name}: {architecture} reads images, which phibuild learns of only after "
+                               "downloading it; download the checkpoint and point "
+                               f"[tool.phibuild.model.{target.model.name}] path = ... at it")
     reason = target.backend.refuse(architecture, target.precision, target.params)
     if reason:
         raise UnsupportedError(f"{target.name}: {target.backend.title} cannot build {architecture}: {reason}")

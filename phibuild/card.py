@@ -84,7 +84,7 @@ processor = AutoProcessor.from_pretrained(".")
 model = OVModelForVisualCausalLM.from_pretrained(".")
 text = processor.tokenizer.apply_chat_template([{{"role": "user", "content": "<|image|>{SMOKE_QUESTION}"}}],
                                                add_generation_prompt=True, tokenize=False)
-inputs = processor(text=text, images=[Image.open("image.png")], return_tensors="pt")
+inputs = processor(text=text, images=[Image.open("image.png").convert("RGB")], return_tensors="pt")
 reply = model.generate(**inputs, max_new_tokens=128)[0, inputs["input_ids"].shape[1]:]
 print(processor.tokenizer.decode(reply, skip_special_tokens=True))''',
 }
@@ -146,6 +146,7 @@ def model_card(name: str, entry: LockEntry) -> str:
     files = "\n".join(f"| `{file}` | {want.size} | `{want.sha256}` |" for file, want in sorted(entry.files.items()))
     limits = "\n".join(f"- {text}" for text in limitations)
     prompt = "from a Phi chat prompt with an image" if vision else "from a Phi chat prompt"
+    after = " following the image prompt" if vision else ""
     return f"""---
 {_yaml(front)}---
 
@@ -177,7 +178,7 @@ In the model's directory, after `{install.get(backend, "")}`{" (image.png: your 
 ## Checks
 
 - Smoke check, in {LIBRARIES.get(backend, backend)}'s runtime, greedy, {prompt}: {entry.smoke.summary()}
-- Fidelity against the source model in float32 transformers, over held-out text: {_fidelity(entry)}
+- Fidelity against the source model in float32 transformers, over held-out text{after}: {_fidelity(entry)}
 
 ## Limitations
 

@@ -17,7 +17,8 @@ Deterministic: fixed seeds, one thread, no shuffling by wall clock. Run from the
     python tools/make_embedded_models.py phi3-tiny  # one model
     python tools/make_embedded_models.py image      # the image the multimodal checks show
 
-Needs torch, transformers, tokenizers and sentencepiece (``pip install -e ".[onnx]"`` has them).
+Needs torch, torchvision, transformers, tokenizers, sentencepiece and pillow (``pip install -e ".[onnx]"`` has
+them).
 """
 
 from __future__ import annotations

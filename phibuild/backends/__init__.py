@@ -21,8 +21,10 @@ is left out) and ``machine`` (what of the machine its bytes depend on, for the k
 :class:`Job`: source directory to output directory) and ``smoke`` (load the output with the backend's own
 runtime and generate a few tokens) and ``runtime`` (the output loaded in that runtime with its default settings,
 for the fidelity step: next-token logits of a token sequence), with ``runtime_machine`` naming what of the
-machine decides those defaults. Heavy imports happen inside ``build``, ``smoke`` and ``runtime`` only, so
-listing tasks stays fast.
+machine decides those defaults. A backend that builds a multimodal architecture (``Job.vision``) smoke-checks
+it with ``SMOKE_IMAGE``, gives its runtime the image prompt before the text, and implements ``image_logits``
+(the parity tests' float32 logits after the image prompt). Heavy imports happen inside ``build``, ``smoke`` and
+``runtime`` only, so listing tasks stays fast.
 
 A backend whose precisions share a first step (GGUF: one F16 conversion, quantized several ways) returns
 that step's parameters from ``intermediate`` and implements ``build_intermediate``; phibuild caches the

@@ -4,20 +4,22 @@ into the image's tokens. The fidelity reference, optimum-intel's runtime and the
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from . import SMOKE_IMAGE, SMOKE_QUESTION
 
 
-def inputs(processor: Any) -> Any:
-    """The processor's tensors (``input_ids``, pixel values, image sizes and masks) for the image prompt."""
+def inputs(processor: Any, image: Path = SMOKE_IMAGE) -> Any:
+    """The processor's tensors (``input_ids``, pixel values, image sizes and masks) for the image prompt (with
+    another ``image`` in its place, for tests)."""
     from PIL import Image
 
     tokenizer = processor.tokenizer
     text = tokenizer.apply_chat_template([{"role": "user", "content": f"{tokenizer.image_token}{SMOKE_QUESTION}"}],
                                          add_generation_prompt=True, tokenize=False)
-    with Image.open(SMOKE_IMAGE) as image:
-        return processor(text=text, images=[image.convert("RGB")], return_tensors="pt")
+    with Image.open(image) as picture:
+        return processor(text=text, images=[picture.convert("RGB")], return_tensors="pt")
 
 
 def followed_by(prompt: Any, ids: Any) -> dict[str, Any]:

@@ -92,8 +92,8 @@ class MlxBackend(Backend):
     # longrope) was 4.6 off transformers in the logits of phi4-multimodal-tiny's image prompt.
     unsupported: ClassVar[dict[str, str]] = dict.fromkeys(
         ("Phi3VForCausalLM", "Phi4MMForCausalLM", "Phi4MultimodalForCausalLM"),
-        "mlx-vlm, which converts vision models, installs beside transformers 5.5 in no release (it needs "
-        "transformers >= 5.14, or datasets that the pinned huggingface-hub and fsspec exclude)")
+        "mlx-vlm, which converts vision models, installs beside phibuild's transformers (5.5) in no release (it "
+        "needs transformers >= 5.14, or datasets that the pinned huggingface-hub and fsspec exclude)")
     precisions: ClassVar[dict[str, dict[str, Any]]] = {
         "int4": {"bits": 4, **QUANTIZED},
         "int8": {"bits": 8, **QUANTIZED, "dtype": "float16"},

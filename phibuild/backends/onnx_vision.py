@@ -54,6 +54,7 @@ from .onnx import TITLE, run_builder
 
 GENAI_IMAGE_TOKEN = 200010  # <|endoftext10|>, the only image token onnxruntime-genai's phi4mm processor expands
 OPSET = 17
+BICUBIC = 3  # PIL's filter number: the resize onnxruntime-extensions' Phi4VisionProcessor does ("CUBIC")
 
 
 def build(job: Job) -> None:
@@ -74,6 +75,10 @@ def build(job: Job) -> None:
     if (images.size["height"], images.patch_size) != (vision.crop_size, vision.patch_size):
         raise BuildError(f"{job.source}: the image processor's crops ({images.size['height']} pixels, patches of "
                          f"{images.patch_size}) are not the vision encoder's ({vision.crop_size}, {vision.patch_size})")
+    if (images.resample, images.do_convert_rgb) != (BICUBIC, True):
+        raise BuildError(f"{job.source}: its image processor resamples with PIL filter {images.resample} and "
+                         f"do_convert_rgb {images.do_convert_rgb}; onnxruntime-genai's Phi-4 preprocessing resizes "
+                         "bicubically (filter 3) into RGB, so the artifact would see other pixels")
     exported = scratch / "vision-export"
     exported.mkdir()
     try:
@@ -85,9 +90,6 @@ def build(job: Job) -> None:
 
 def smoke(artifact: Path, job: Job) -> Smoke:
     """Generate greedily from the chat prompt about SMOKE_IMAGE, through the runtime's standard multimodal flow."""
-    provider = job.params["execution_provider"]
-    if provider != "cpu":
-        return Smoke(False, f"built for the {provider} execution provider; this check runs on the CPU only")
     og, model, inputs = _prompt(artifact)
     prompt = int(inputs["input_ids"].as_numpy().shape[-1])
     search = og.GeneratorParams(model)
@@ -168,7 +170,7 @@ def _stage(source: Path, staged: Path, trust_remote_code: bool) -> None:
             rope = config.get("rope_parameters") or {}
             if "rope_type" in rope:
                 rope["type"] = rope["rope_type"]  # transformers 5 writes rope_type only; the builder reads type
-            link.write_text(json.dumps(config, indent=2))
+            link.write_text(json.dumps(config, indent=2), encoding="utf-8")
         else:
             link.symlink_to(path.resolve())
 
@@ -218,7 +220,7 @@ def _export(model, images, scratch: Path, output: Path) -> None:
 def _write_configs(output: Path, image_token: int, images) -> None:
     """genai_config.json as the phi4mm pipeline reads it, the image preprocessing, and the image token."""
     path = output / "genai_config.json"
-    config = json.loads(path.read_text())
+    config = json.loads(path.read_text(encoding="utf-8"))
     config["model"]["type"] = "phi4mm"
     config["model"]["vision"] = {
         "filename": "vision.onnx",
@@ -234,7 +236,7 @@ def _write_configs(output: Path, image_token: int, images) -> None:
     }
     # The phi4mm pipeline opens a speech model unless both names are empty (its defaults are not).
     config["model"]["speech"] = {"filename": "", "config_filename": ""}
-    path.write_text(json.dumps(config, indent=4))
+    path.write_text(json.dumps(config, indent=4), encoding="utf-8")
     base = images.size["height"]
     transforms = [
         ("decode_image", "DecodeImage", {"attrs": {"color_space": "RGB"}}),
@@ -248,15 +250,15 @@ def _write_configs(output: Path, image_token: int, images) -> None:
     ]
     processor = {"processor": {"name": "phi_4_image_processor", "transforms": [
         {"operation": {"name": name, "type": kind, **rest}} for name, kind, rest in transforms]}}
-    (output / "vision_processor.json").write_text(json.dumps(processor, indent=4))
+    (output / "vision_processor.json").write_text(json.dumps(processor, indent=4), encoding="utf-8")
     if image_token != GENAI_IMAGE_TOKEN:
         # The runtime rewrites <|image_1|> to <|endoftext10|> and expands id 200010 alone: the tokenizer must
         # know it (the embedding model reads it as the model's own image token).
         path = output / "tokenizer.json"
-        tokenizer = json.loads(path.read_text())
+        tokenizer = json.loads(path.read_text(encoding="utf-8"))
         tokenizer["added_tokens"].append({"id": GENAI_IMAGE_TOKEN, "content": "<|endoftext10|>", "single_word": False,
                                           "lstrip": False, "rstrip": False, "normalized": False, "special": True})
-        path.write_text(json.dumps(tokenizer, indent=2, ensure_ascii=False))
+        path.write_text(json.dumps(tokenizer, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 def _arange_like(t: torch.Tensor) -> torch.Tensor:

@@ -66,12 +66,10 @@ BACKUP_PRECISIONS = ("int8_asym", "int8_sym", "none")
 # do not. Measured on a Phi-3-mini-sized layer: 15% slower.
 NUMPY_COMPRESSION = "NNCF_DISABLE_OPTIMIZED_COMPRESSION"
 BF16_FLAGS = {"avx512_bf16", "amx_bf16"}  # what makes the CPU plugin execute in bf16 by default
-
-
 TITLE = "OpenVINO"
 # optimum-intel 2.2.0 exports the hub's multimodal layouts with their own code, and only under transformers
 # <= 4.53.3; phibuild lifts that cap for the native layout alone, whose export it has verified.
-REMOTE_VISION = "optimum-intel 2.2.0 exports its own-code layout only under transformers <= 4.53.3 (pinned: 5.5.4)"
+REMOTE_VISION = "optimum-intel exports this own-code layout only under transformers <= 4.53.3 (phibuild's: 5.5)"
 
 
 class OpenvinoBackend(Backend):
@@ -120,12 +118,12 @@ class OpenvinoBackend(Backend):
         return None
 
     def build(self, job: Job) -> None:
-        from optimum.intel import OVConfig
-
         if job.vision:
             from . import openvino_vision
 
             return openvino_vision.build(job)
+        from optimum.intel import OVConfig
+
         weights = weight_config(job.precision, job.params)
         # fp16 is exported in f32 and compressed by _rewrite, which keeps the rotary constants in f32
         ov_config = OVConfig(quantization_config=weights) if weights else OVConfig(dtype="fp32")
@@ -142,12 +140,12 @@ class OpenvinoBackend(Backend):
         covers everything the artifact ships, not only the model IR (OVModelForCausalLM would use the
         Hugging Face tokenizer instead).
         """
-        import openvino_genai
-
         if job.vision:
             from . import openvino_vision
 
             return openvino_vision.smoke(artifact, job)
+        import openvino_genai
+
         pipeline = openvino_genai.LLMPipeline(str(artifact), "CPU")
         tokenizer = pipeline.get_tokenizer()
         prompt = tokenizer.apply_chat_template(SMOKE_MESSAGES, add_generation_prompt=True)

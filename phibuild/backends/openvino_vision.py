@@ -68,15 +68,29 @@ def smoke(artifact: Path, job: Job) -> Smoke:
     import openvino_genai
     from PIL import Image
 
-    with _as_genai_model(artifact) as directory:
+    class Collected(openvino_genai.StreamerBase):
+        """The ids the pipeline generates, as it streams them."""
+
+        def __init__(self):
+            super().__init__()
+            self.ids: list[int] = []
+
+        def write(self, token):
+            self.ids += [int(token)] if isinstance(token, int) else [int(t) for t in token]
+            return openvino_genai.StreamingStatus.RUNNING
+
+        def end(self):
+            pass
+
+    with _as_genai_model(artifact) as directory, Image.open(SMOKE_IMAGE) as picture:
         pipeline = openvino_genai.VLMPipeline(str(directory), "CPU")
-        image = openvino.Tensor(np.array(Image.open(SMOKE_IMAGE).convert("RGB"), dtype=np.uint8)[None])
+        image = openvino.Tensor(np.array(picture.convert("RGB"), dtype=np.uint8)[None])
         config = openvino_genai.GenerationConfig(max_new_tokens=SMOKE_TOKENS, do_sample=False)
-        result = pipeline.generate(f"<|image_1|>{SMOKE_QUESTION}", images=[image], generation_config=config)
-        text = result.texts[0]
-        tokens = pipeline.get_tokenizer().encode(text, add_special_tokens=False).input_ids.data[0].tolist()
+        collected = Collected()
+        result = pipeline.generate(f"<|image_1|>{SMOKE_QUESTION}", images=[image], generation_config=config,
+                                   streamer=collected)
         prompt = result.perf_metrics.get_num_input_tokens()
-    return Smoke.generated(f"{TITLE} GenAI", tokens, text,
+    return Smoke.generated(f"{TITLE} GenAI", collected.ids, result.texts[0],
                            f", with {SMOKE_IMAGE.name} ({prompt} prompt tokens, image included)")
 
 
@@ -138,9 +152,9 @@ def _as_genai_model(artifact: Path) -> Iterator[Path]:
         for path in artifact.iterdir():
             if path.name != "config.json":
                 os.symlink(path.resolve(), directory / path.name)
-        config = json.loads((artifact / "config.json").read_text())
+        config = json.loads((artifact / "config.json").read_text(encoding="utf-8"))
         config["model_type"] = GENAI_MODEL_TYPE
-        (directory / "config.json").write_text(json.dumps(config))
+        (directory / "config.json").write_text(json.dumps(config), encoding="utf-8")
         yield directory
 
 
