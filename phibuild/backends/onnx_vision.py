@@ -40,6 +40,7 @@ import json
 import shutil
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,12 +132,12 @@ class VisionRuntime(Runtime):
         generator.set_inputs(self.prompt)  # runs the prompt, image included
         return generator
 
-    def logits(self, ids):
+    def logits(self, ids: Sequence[int]) -> Any:
         generator = self._after_prompt(self.length + len(ids) + 1)
         generator.append_tokens(list(ids))
         return np.asarray(generator.get_output("logits"), dtype=np.float32)[0]
 
-    def decode(self, ids, count):
+    def decode(self, ids: Sequence[int], count: int) -> float:
         generator = self._after_prompt(self.length + len(ids) + count + 1)
         generator.append_tokens(list(ids))
         generator.generate_next_token()  # picks the first token from the logits at hand: no model run
