@@ -162,3 +162,34 @@ def test_a_quantization_it_does_not_reproduce_runs_the_builders_own(tmp_path, mo
     graph = onnx.load(tmp_path / "model.onnx").graph
     assert [n for n in graph.node if n.op_type == "MatMulNBits"]
     assert not [n for n in graph.node if n.op_type == "MatMul" and "proj" in n.name]
+
+
+@pytest.mark.parametrize("size", [(64, 48), (448, 448), (900, 500), (300, 1000), (1500, 200), (2900, 2700)])
+def test_vision_and_embedding_modules_give_transformers_image_embeddings(size, tmp_path):
+    """phibuild's image embedding for ONNX Runtime GenAI (onnx_vision's modules, exported to vision.onnx and
+    embedding.onnx), run in torch on transformers' own preprocessing of an image of each crop layout, from one crop
+    to 36, padded at the bottom or the right: transformers' embeddings of the whole prompt."""
+    import torch
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoProcessor
+
+    from phibuild.backends import image_prompt, onnx_vision
+
+    source = EMBEDDED_DIR / "phi4-multimodal-tiny"
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="eager").eval()
+    config = model.config.vision_config
+    pixels = np.random.default_rng(sum(size)).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)  # no white
+    Image.fromarray(pixels).save(tmp_path / "image.png")
+    inputs = image_prompt.inputs(AutoProcessor.from_pretrained(source), tmp_path / "image.png")
+    ids = inputs["input_ids"]
+    vision = onnx_vision._Vision(model.model.embed_tokens_extend.image_embed, config.feature_layer,
+                                 AutoImageProcessor.from_pretrained(source)).eval()
+    embedding = onnx_vision._Embedding(model.model.embed_tokens, config.image_token_id).eval()
+    with torch.no_grad():
+        expected = model.model.embed_tokens_extend.image_embed(
+            ids, model.model.embed_tokens(ids), image_pixel_values=inputs["image_pixel_values"],
+            image_sizes=inputs["image_sizes"], image_attention_mask=inputs["image_attention_mask"])
+        count = (ids == config.image_token_id).sum().reshape(1, 1)
+        got = embedding(ids, vision(inputs["image_pixel_values"], inputs["image_sizes"], count))
+    assert inputs["image_pixel_values"].shape[1] > 1
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=0, atol=1e-3)
