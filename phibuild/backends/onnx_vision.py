@@ -55,12 +55,14 @@ from .onnx import TITLE, run_builder
 
 GENAI_IMAGE_TOKEN = 200010  # <|endoftext10|>, the only image token onnxruntime-genai's phi4mm processor expands
 OPSET = 17
+IMAGE_EMBED = "model.embed_tokens_extend.image_embed."  # the checkpoint's names of the parts exported here
+EMBED_TOKENS = "model.embed_tokens.weight"
 BICUBIC = 3  # PIL's filter number: the resize onnxruntime-extensions' Phi4VisionProcessor does ("CUBIC")
 
 
 def build(job: Job) -> None:
     """The decoder by the model builder, then the vision and embedding models, then the runtime's configs."""
-    from transformers import AutoImageProcessor, AutoModelForCausalLM
+    from transformers import AutoImageProcessor
 
     scratch = job.output.parent
     staged = scratch / "vision-source"
@@ -69,10 +71,9 @@ def build(job: Job) -> None:
         run_builder(job, staged, "exclude_embeds=true", "filename=decoder.onnx")
     finally:
         shutil.rmtree(staged, ignore_errors=True)
-    options = dict(local_files_only=True, trust_remote_code=job.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(job.source, dtype=torch.float32, **options).eval()
-    images = AutoImageProcessor.from_pretrained(job.source, **options)
-    vision = model.config.vision_config
+    config, image_embed, embed_tokens = _image_parts(job.source)
+    images = AutoImageProcessor.from_pretrained(job.source, local_files_only=True)
+    vision = config.vision_config
     if (images.size["height"], images.patch_size) != (vision.crop_size, vision.patch_size):
         raise BuildError(f"{job.source}: the image processor's crops ({images.size['height']} pixels, patches of "
                          f"{images.patch_size}) are not the vision encoder's ({vision.crop_size}, {vision.patch_size})")
@@ -83,7 +84,7 @@ def build(job: Job) -> None:
     exported = scratch / "vision-export"
     exported.mkdir()
     try:
-        _export(model, images, exported, job.output)
+        _export(config, image_embed, embed_tokens, images, exported, job.output)
     finally:
         shutil.rmtree(exported, ignore_errors=True)
     _write_configs(job.output, vision.image_token_id, images)
@@ -176,13 +177,37 @@ def _stage(source: Path, staged: Path, trust_remote_code: bool) -> None:
             link.symlink_to(path.resolve())
 
 
-def _export(model, images, scratch: Path, output: Path) -> None:
+def _image_parts(source: Path) -> tuple[Any, nn.Module, nn.Module]:
+    """The model's config, and the two parts the vision and embedding models hold (the image embedding and the
+    token embedding) in float32, their weights read from the checkpoint by name: the decoder, most of the model,
+    is never loaded (at Phi-4-multimodal's size, the whole model in float32 is 22 GB)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+    from transformers.models.phi4_multimodal.modeling_phi4_multimodal import Phi4MultimodalImageEmbedding
+
+    config = AutoConfig.from_pretrained(source, local_files_only=True)
+    image_embed = Phi4MultimodalImageEmbedding(config)
+    embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+    wanted = {f"{IMAGE_EMBED}{name}": (image_embed, name) for name in image_embed.state_dict()}
+    wanted[EMBED_TOKENS] = (embed_tokens, "weight")
+    states: dict[nn.Module, dict[str, torch.Tensor]] = {image_embed: {}, embed_tokens: {}}
+    for shard in sorted(source.glob("*.safetensors")):
+        with safe_open(shard, framework="pt") as weights:
+            for key in weights.keys():  # noqa: SIM118  (a safetensors file is not a mapping)
+                if key in wanted:
+                    module, name = wanted[key]
+                    states[module][name] = weights.get_tensor(key).float()
+    for module, state in states.items():
+        module.load_state_dict(state, strict=True)  # every tensor found, or a clear error naming the missing
+    return config, image_embed.float().eval(), embed_tokens.float().eval()
+
+
+def _export(config, image_embed: nn.Module, embed_tokens: nn.Module, images, scratch: Path, output: Path) -> None:
     """vision.onnx and embedding.onnx, each with its weights in one ``.onnx.data`` file beside it."""
     import onnx
 
-    config = model.config
-    vision = _Vision(model.model.embed_tokens_extend.image_embed, config.vision_config.feature_layer, images).eval()
-    embedding = _Embedding(model.model.embed_tokens, config.vision_config.image_token_id).eval()
+    vision = _Vision(image_embed, config.vision_config.feature_layer, images).eval()
+    embedding = _Embedding(embed_tokens, config.vision_config.image_token_id).eval()
     crop, side, half = vision.crop, vision.side, vision.half
     # A dummy image of 1 x 2 crops whose right 2 cells (4 patch columns) are padding: no shape is fixed by it.
     # Its tokens: the global crop's rows, each ended by a separator, one separator, then the same for the others.
