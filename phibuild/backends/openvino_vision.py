@@ -2,8 +2,9 @@
 ``image-text-to-text`` export: one IR per part (language model, text embeddings, vision embeddings and projection,
 the audio parts) and the tokenizer IRs, as ``optimum-cli export openvino --task image-text-to-text`` writes them.
 
-Weights follow the Phi cookbook's vision recipe as optimum-intel applies a weight format to a multimodal model:
-the language model is compressed with the target's parameters (int4 defaults: INT4_SYM, groups of 64, ratio
+Weights follow the Phi cookbook's vision recipe as optimum-intel applies a weight format to a multimodal model
+(``optimum-cli export openvino --task image-text-to-text --weight-format int4 ...``): the language model is
+compressed with the target's parameters (int4 defaults: INT4_SYM, groups of 64, ratio
 0.6), every other part to INT8_SYM per channel; fp16 stores every part in f16 (the language model keeping its
 rotary constants in f32, as for the text models); fp32 is the export as it is.
 
@@ -44,12 +45,15 @@ GENAI_MODEL_TYPE = "phi4mm"
 
 
 def build(job: Job) -> None:
-    """Export in float32, then compress and renumber each IR (``openvino._rewrite``)."""
+    """Export, then compress and renumber each IR (``openvino._rewrite``). As for the text models, int4 and int8
+    are exported at the checkpoint's dtype before NNCF compresses them (at Phi-4-multimodal's size, float32 would
+    hold 22 GB), fp16 and fp32 in float32."""
     from optimum.intel import OVConfig, OVWeightQuantizationConfig
 
-    export(job, TASK, OVConfig(dtype="fp32"), _export_patches(), IRS)
-    output = job.output
     weights = weight_config(job.precision, job.params)
+    ov_config = OVConfig(quantization_config=weights) if weights else OVConfig(dtype="fp32")
+    export(job, TASK, ov_config, _export_patches(), IRS)
+    output = job.output
     parts = {path.stem: None for path in sorted(output.glob("openvino_*_model.xml"))}
     if weights is not None:
         others = OVWeightQuantizationConfig(bits=8, sym=True, group_size=-1, ratio=1.0)
