@@ -171,7 +171,8 @@ def write_project(root: Path, models: Sequence[str], backends: Sequence[str], pr
 
 def write_safetensors(path: Path, tensors: dict[str, tuple[int, ...]], rng) -> None:
     """A bfloat16 safetensors file of ``tensors`` (name: shape), streamed a few thousand rows at a time: random
-    normal weights (std 0.02) and, for 1-D tensors (RMSNorm weights), ones, as in a real checkpoint."""
+    normal weights (std 0.02) and, for 1-D and 0-D tensors (norm weights, scales), ones, as in a real checkpoint.
+    A tensor of more dimensions (a convolution's) is written as rows of its trailing ones."""
     import numpy as np
 
     header, offset = {"__metadata__": {"format": "pt"}}, 0
@@ -184,11 +185,12 @@ def write_safetensors(path: Path, tensors: dict[str, tuple[int, ...]], rng) -> N
     with open(path, "wb") as handle:
         handle.write(struct.pack("<Q", len(text)) + text)
         for shape in tensors.values():
-            if len(shape) == 1:
+            if len(shape) <= 1:
                 handle.write(np.full(shape, 0x3F80, np.uint16).tobytes())
                 continue
+            width = math.prod(shape[1:])
             for start in range(0, shape[0], ROWS_AT_ONCE):
-                rows = rng.standard_normal((min(ROWS_AT_ONCE, shape[0] - start), shape[1]), np.float32) * 0.02
+                rows = rng.standard_normal((min(ROWS_AT_ONCE, shape[0] - start), width), np.float32) * 0.02
                 handle.write((rows.view(np.uint32) >> 16).astype(np.uint16).tobytes())
 
 

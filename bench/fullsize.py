@@ -88,6 +88,12 @@ class Shape:
     def parameters(self) -> int:
         return sum(math.prod(shape) for shape in self.tensors().values())
 
+    def config_json(self) -> dict:
+        return json.loads((EMBEDDED_DIR / self.like / "config.json").read_text()) | {
+            "hidden_size": self.hidden, "intermediate_size": self.intermediate, "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads, "num_hidden_layers": self.layers, "vocab_size": self.vocab,
+            **self.config}
+
 
 def _factors(count: int, like: str) -> dict:
     """The look-alike's longrope factors, resampled to ``count``."""
@@ -98,6 +104,42 @@ def _factors(count: int, like: str) -> dict:
     return rope
 
 
+@dataclass(frozen=True)
+class Multimodal:
+    """Phi-4-multimodal's published shape in transformers' native layout (Phi4MultimodalForCausalLM): its tensors
+    are the ones transformers' own class has, so nothing is listed by hand."""
+
+    like: str  # the embedded look-alike whose tokenizer, processor and config it starts from
+    config: dict  # what differs from the look-alike's config.json (top level; vision_config, audio_config: theirs)
+
+    def _model(self):
+        import torch
+        from transformers import Phi4MultimodalConfig, Phi4MultimodalForCausalLM
+
+        config = json.loads((EMBEDDED_DIR / self.like / "config.json").read_text())
+        for part in ("vision_config", "audio_config"):  # the real sizes are the classes' defaults
+            config[part] = {k: v for k, v in config[part].items() if k.endswith("_token_id")}
+        config |= self.config
+        rope = config["rope_parameters"]
+        count = int(config["hidden_size"] // config["num_attention_heads"] * rope["partial_rotary_factor"]) // 2
+        for key in ("long_factor", "short_factor"):  # the look-alike's factors, resampled to the real head size
+            old = np.array(rope[key])
+            rope[key] = np.interp(np.linspace(0, len(old) - 1, count), np.arange(len(old)), old).tolist()
+        with torch.device("meta"):
+            return Phi4MultimodalForCausalLM(Phi4MultimodalConfig(**config))
+
+    def tensors(self) -> dict[str, tuple[int, ...]]:
+        model = self._model()
+        tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+        return {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in tied}
+
+    def parameters(self) -> int:
+        return sum(math.prod(shape) for shape in self.tensors().values())
+
+    def config_json(self) -> dict:
+        return self._model().config.to_dict()
+
+
 MODELS = {
     "phi35-mini": Shape(32, 3072, 8192, 32, 32, 32064, "phi35-tiny", {
         "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
@@ -105,10 +147,16 @@ MODELS = {
     "phi4": Shape(40, 5120, 17920, 40, 10, 100352, "phi4-mini-tiny", {
         "max_position_embeddings": 16384, "rope_theta": 250000.0, "rope_scaling": None, "partial_rotary_factor": 1.0,
         "original_max_position_embeddings": 16384, "tie_word_embeddings": False, "sliding_window": None}),
+    # Phi-4-multimodal-instruct: Phi-4-mini's decoder (32 layers, hidden 3072, 24 heads, 8 KV heads, 200064 rows,
+    # tied), a 27-layer SigLIP image encoder and a 24-block speech encoder (4.7B parameters, 9.5 GB: the hub's 5.6B
+    # count its vision and speech LoRA adapters, which the native layout does not hold)
+    "phi4-multimodal": Multimodal("phi4-multimodal-tiny", {
+        "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 24,
+        "num_key_value_heads": 8, "vocab_size": 200064}),
 }
 
 
-def write_checkpoint(directory: Path, shape: Shape, seed: int) -> None:
+def write_checkpoint(directory: Path, shape: Shape | Multimodal, seed: int) -> None:
     """The sharded checkpoint, streamed: random normal weights (std 0.02) and unit norms, as bfloat16 bits."""
     if (directory / "config.json").is_file():
         return  # written before (config.json comes last)
@@ -134,11 +182,7 @@ def write_checkpoint(directory: Path, shape: Shape, seed: int) -> None:
     for path in like.iterdir():
         if path.name not in ("config.json", "model.safetensors"):
             shutil.copy(path, directory / path.name)
-    config = json.loads((like / "config.json").read_text()) | {
-        "hidden_size": shape.hidden, "intermediate_size": shape.intermediate, "num_attention_heads": shape.heads,
-        "num_key_value_heads": shape.kv_heads, "num_hidden_layers": shape.layers, "vocab_size": shape.vocab,
-        **shape.config}
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (directory / "config.json").write_text(json.dumps(shape.config_json(), indent=2) + "\n")
 
 
 @dataclass
@@ -202,7 +246,7 @@ def main() -> None:
             print(f"{model}: {shape.parameters() / 1e9:.2f}B parameters, {verb} {size(2 * shape.parameters())} "
                   f"in {source}", flush=True)
             write_checkpoint(source, shape, seed=len(model))
-            limit = int((args.limit_gib or (8 if model == "phi35-mini" else 16)) * GiB)
+            limit = int((args.limit_gib or (16 if model == "phi4" else 8)) * GiB)
             for backend in backends:
                 for precision in args.precisions:
                     done = len(rows) + 1
