@@ -193,3 +193,14 @@ def test_vision_and_embedding_modules_give_transformers_image_embeddings(size, t
         got = embedding(ids, vision(inputs["image_pixel_values"], inputs["image_sizes"], count))
     assert inputs["image_pixel_values"].shape[1] > 1
     np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=0, atol=1e-3)
+
+
+def test_a_weight_over_protobufs_limit_is_refused_with_the_reason(tmp_path, monkeypatch):
+    """A single weight over 2 GiB in float32 (Phi-4-mini's tied output head, 2.46 GB) cannot be handed to the
+    quantizer in a model of its own: the build says so, naming the weight, instead of protobuf's EncodeError."""
+    from phibuild.errors import BuildError
+
+    monkeypatch.setattr(onnx_quantize, "PROTOBUF_LIMIT", 256 * 1088 * 4 - 1)  # the output head, and nothing smaller
+    params = onnx_backend.OnnxBackend().params("int4", {})
+    with pytest.raises(BuildError, match=r"the weight \S+ is 0\.00 GB in float32, over protobuf's 2 GiB limit"):
+        onnx_backend.OnnxBackend().build(Job(EMBEDDED_DIR / "phi3-tiny", tmp_path, "int4", params))

@@ -21,9 +21,11 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from ..errors import BuildError
 from . import replaced
 
 logger = logging.getLogger(__name__)
+PROTOBUF_LIMIT = 2**31 - 1  # the largest message protobuf serializes, a weight in a model of its own included
 
 
 @contextlib.contextmanager
@@ -152,6 +154,12 @@ def _quantize(model, node, arguments: dict[str, Any], spill: Spill) -> None:
     weights = {value.name: value for value in node.inputs if value is not None and value.is_initializer()}
     if not weights:
         return
+    for name, value in weights.items():
+        if value.const_value.nbytes > PROTOBUF_LIMIT:
+            raise BuildError(f"the weight {name} is {value.const_value.nbytes / 1e9:.2f} GB in float32, over "
+                             "protobuf's 2 GiB limit for one message, and phibuild hands each weight to "
+                             "onnxruntime's quantizer as a model of its own: a model with such a weight (Phi-4-mini's "
+                             "tied 200064-row output head) does not build with ONNX yet")
     alone = onnx.helper.make_model(
         onnx.helper.make_graph([ir.serde.serialize_node(node)], "node", [], [],
                                [ir.serde.serialize_tensor(value.const_value) for value in weights.values()]),
