@@ -109,12 +109,8 @@ def smoke(artifact: Path, job: Job) -> Smoke:
 def image_logits(artifact: Path, job: Job) -> np.ndarray:
     """The last prompt position's logits (float32, [vocab]) after the chat prompt about SMOKE_IMAGE, as the
     runtime's standard flow computes them before the first token."""
-    og, model, inputs = _prompt(artifact)
-    search = og.GeneratorParams(model)
-    search.set_search_options(max_length=int(inputs["input_ids"].as_numpy().shape[-1]) + 1)
-    generator = og.Generator(model, search)
-    generator.set_inputs(inputs)  # runs the prompt
-    return np.asarray(generator.get_logits(), dtype=np.float32).reshape(-1)
+    runtime = VisionRuntime(artifact)
+    return np.asarray(runtime.after_prompt(runtime.length + 1).get_logits(), dtype=np.float32).reshape(-1)
 
 
 class VisionRuntime(Runtime):
@@ -126,7 +122,8 @@ class VisionRuntime(Runtime):
         self.length = int(self.prompt["input_ids"].as_numpy().shape[-1])
         self.settings = f"onnxruntime-genai, CPU execution provider, after an image prompt of {self.length} tokens"
 
-    def _after_prompt(self, total: int) -> Any:
+    def after_prompt(self, total: int) -> Any:
+        """A generator of ``total`` tokens in all that has run the image prompt."""
         search = self.og.GeneratorParams(self.model)
         search.set_search_options(max_length=total, min_length=total)  # no early end of text
         generator = self.og.Generator(self.model, search)
@@ -134,12 +131,12 @@ class VisionRuntime(Runtime):
         return generator
 
     def logits(self, ids: Sequence[int]) -> Any:
-        generator = self._after_prompt(self.length + len(ids) + 1)
+        generator = self.after_prompt(self.length + len(ids) + 1)
         generator.append_tokens(list(ids))
         return np.asarray(generator.get_output("logits"), dtype=np.float32)[0]
 
     def decode(self, ids: Sequence[int], count: int) -> float:
-        generator = self._after_prompt(self.length + len(ids) + count + 1)
+        generator = self.after_prompt(self.length + len(ids) + count + 1)
         generator.append_tokens(list(ids))
         generator.generate_next_token()  # picks the first token from the logits at hand: no model run
         start = time.perf_counter()

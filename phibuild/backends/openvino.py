@@ -122,12 +122,8 @@ class OpenvinoBackend(Backend):
             from . import openvino_vision
 
             return openvino_vision.build(job)
-        from optimum.intel import OVConfig
-
         weights = weight_config(job.precision, job.params)
-        # fp16 is exported in f32 and compressed by _rewrite, which keeps the rotary constants in f32
-        ov_config = OVConfig(quantization_config=weights) if weights else OVConfig(dtype="fp32")
-        export(job, TASK, ov_config, _reference_rope(), IRS)
+        export(job, TASK, weights, _reference_rope(), IRS)
         steps = dict.fromkeys(IRS)
         steps["openvino_model"] = weights or (FP16_ROTARY if job.precision == "fp16" else None)
         rewrite(job.output, steps, bool(weights))
@@ -226,11 +222,16 @@ def weight_config(precision: str, params: dict[str, Any]) -> OVWeightQuantizatio
 FP16, FP16_ROTARY = "fp16", "fp16 keeping the rotary constants in f32"  # what _rewrite does to an IR's weights
 
 
-def export(job: Job, task: str, ov_config: Any, patches: contextlib.AbstractContextManager,
-           irs: tuple[str, ...]) -> None:
+def export(job: Job, task: str, weights: OVWeightQuantizationConfig | None,
+           patches: contextlib.AbstractContextManager, irs: tuple[str, ...]) -> None:
     """optimum-intel's export of ``job.source`` for ``task`` into ``job.output``, tokenizer IRs included, inside
-    ``patches``; its failures, and an IR of ``irs`` it did not write, said as the build's."""
+    ``patches``; its failures, and an IR of ``irs`` it did not write, said as the build's. With ``weights`` (int4,
+    int8) the model is exported at the checkpoint's dtype, for _rewrite to compress; without (fp16, fp32), in
+    float32 (fp16 is compressed by _rewrite, which keeps the rotary constants in f32)."""
     from optimum.exporters.openvino import main_export
+    from optimum.intel import OVConfig
+
+    ov_config = OVConfig(quantization_config=weights) if weights else OVConfig(dtype="fp32")
 
     try:
         with quiet(), patches:

@@ -48,11 +48,10 @@ def build(job: Job) -> None:
     """Export, then compress and renumber each IR (``openvino._rewrite``). As for the text models, int4 and int8
     are exported at the checkpoint's dtype before NNCF compresses them (at Phi-4-multimodal's size, float32 would
     hold 22 GB), fp16 and fp32 in float32."""
-    from optimum.intel import OVConfig, OVWeightQuantizationConfig
+    from optimum.intel import OVWeightQuantizationConfig
 
     weights = weight_config(job.precision, job.params)
-    ov_config = OVConfig(quantization_config=weights) if weights else OVConfig(dtype="fp32")
-    export(job, TASK, ov_config, _export_patches(), IRS)
+    export(job, TASK, weights, _export_patches(), IRS)
     output = job.output
     parts = {path.stem: None for path in sorted(output.glob("openvino_*_model.xml"))}
     if weights is not None:
