@@ -32,7 +32,7 @@ from .errors import BuildError, LockError, UnsupportedError
 from .hashing import FileDigest, digest_files
 from .project import Plan, Project, Target, frozen, repin, restore_only
 from .records import INTERMEDIATE, KeyParts, LockEntry, Manifest, Pin, Smoke, differing_files
-from .store import Entry
+from .store import Entry, PinMismatch, described, link_file
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ def build(project: Project, target: Target) -> str:
         raise LockError(f"{target.name}: artifacts.lock would change ({', '.join(changed)}) and PHIBUILD_FROZEN "
                         "is set, so it is left as it is; build without it and commit the lock")
     visible = project.visible(target.name)
-    methods = project.store.show(entry, visible, target.backend.unlinkable)
+    methods = project.store.show(entry, visible, target.backend.unlinkable,
+                                 frozenset(locked.files) if locked else frozenset())
     if pin != locked:
         project.lock.put(target.name, pin)
     return f"{how}; shown at {project.shown(visible)} ({_placed(methods)})"
@@ -72,7 +73,15 @@ def obtain(project: Project, parts: KeyParts, label: str, pinned: dict[str, File
     time per key: a second one waits, then finds it."""
     key = parts.key
     with project.store.locked(key):
-        entry = project.store.find(key, pinned)
+        try:
+            entry = project.store.find(key, pinned)
+        except PinMismatch as mismatch:
+            if repin():
+                log.warning("%s: %s; re-pinned to the store's entry (PHIBUILD_REPIN)", label, mismatch)
+                return mismatch.entry, "restored from the store"
+            log.warning("%s: %s; building it again to tell which is right", label, mismatch)
+            entry = seal(project, parts, label, pinned, make, instead_of=mismatch.entry)
+            return entry, "built again: the store's entry was not the one the lock pins, and the build agrees with it"
         if entry is not None:
             return entry, "restored from the store"
         entry = project.remote.pull(key, pinned, project.store)
@@ -88,9 +97,10 @@ def obtain(project: Project, parts: KeyParts, label: str, pinned: dict[str, File
 
 
 def seal(project: Project, parts: KeyParts, label: str, pinned: dict[str, FileDigest] | None,
-         make: Callable[[Path], Made]) -> Entry:
+         make: Callable[[Path], Made], instead_of: Entry | None = None) -> Entry:
     """Run ``make(output)`` in a fresh build directory, check what it wrote, and publish it under its key.
-    Anything that fails leaves nothing in the store."""
+    Anything that fails leaves nothing in the store. ``instead_of``: the store's entry under the key, which
+    differs from the lock's pin; the build tells which of the two is right, and replaces it only if the lock is."""
     with project.store.building() as build_dir:
         output = build_dir / "artifact"
         output.mkdir()
@@ -99,7 +109,13 @@ def seal(project: Project, parts: KeyParts, label: str, pinned: dict[str, FileDi
         if not files:
             raise BuildError(f"{label}: the build wrote no files")
         if pinned is not None and files != pinned:
+            if instead_of is not None and files == instead_of.files:
+                raise LockError(f"{label}: artifacts.lock pins other files for key {parts.key} than the store holds "
+                                f"({described(instead_of.files, pinned)}), and building it again gives the store's: "
+                                "the lock was edited. Restore artifacts.lock from git; the store's entry is kept")
             _differ_from_lock(label, parts.key, pinned, files)
+        if instead_of is not None:  # the build agrees with the lock: the store's entry was forged or is stale
+            project.store.remove(parts.key)
         manifest = Manifest(parts.key, label, parts, files, made.smoke, made.intermediate)
         return project.store.publish(build_dir, manifest)
 
@@ -114,12 +130,32 @@ def make(project: Project, plan: Plan, locked: LockEntry | None, output: Path) -
     job = _job(plan, output, intermediate.artifact if intermediate else None)
     before = set(sys.modules)
     produce(plan, job)
-    with step(plan, target.name, f"the smoke check in {target.backend.title}'s runtime failed"):
-        smoke = target.backend.smoke(output, job).summary()
-    log.info("smoke check of %s: %s", target.name, smoke)
+    smoke = smoke_check(plan, job)
     _check_imports(before, plan, target.name)
     _check_unchanged(project, plan, target.name)
     return Made(Smoke(smoke), Pin(intermediate.key, intermediate.files) if intermediate else None)
+
+
+def smoke_check(plan: Plan, job: Job) -> str:
+    """Run the artifact in ``job.output`` in its runtime, as users will: what the check said, in one line."""
+    target = plan.target
+    with step(plan, target.name, f"the smoke check in {target.backend.title}'s runtime failed"):
+        smoke = target.backend.smoke(job.output, job).summary()
+    log.info("smoke check of %s: %s", target.name, smoke)
+    return smoke
+
+
+def checked_here(project: Project, target: Target, entry: Entry) -> str:
+    """The smoke check of a stored artifact run on this machine (on links to its files in a scratch directory,
+    so that a runtime writing beside a model cannot touch the store)."""
+    plan = project.fetched(project.plan(target))
+    project.store.tmp.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="smoke-", dir=project.store.tmp) as scratch:
+        for name in entry.files:
+            copy = Path(scratch) / name
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            link_file(entry.artifact / name, copy)
+        return smoke_check(plan, _job(plan, Path(scratch)))
 
 
 def obtain_intermediate(project: Project, plan: Plan, locked: LockEntry | None) -> Entry | None:
@@ -131,7 +167,8 @@ def obtain_intermediate(project: Project, plan: Plan, locked: LockEntry | None) 
     parts = replace(plan.parts, backend=f"{backend.name}-intermediate", precision=INTERMEDIATE, params=params,
                     machine=backend.machine(project.environment, params))
     label = f"{target.model.name}-{backend.name}-{'-'.join(str(value) for value in params.values())}"
-    pinned = locked.intermediate_files(parts.key) if locked else None
+    # an artifact pulled unvouched vouches for nothing, its intermediate's files included
+    pinned = locked.intermediate_files(parts.key) if locked and not locked.smoke.unverified else None
 
     def make_intermediate(output: Path) -> Made:
         log.info("building %s: %s intermediate %s (key %s)", label, backend.title, params, parts.key[:12])
@@ -164,9 +201,10 @@ def step(plan: Plan, label: str, failure: str) -> Iterator[None]:
         yield
 
 
-def rebuild(project: Project, target: Target) -> dict[str, FileDigest]:
+def rebuild(project: Project, target: Target) -> tuple[dict[str, FileDigest], dict[str, FileDigest] | None]:
     """Build ``target`` again from its source into a scratch directory, bypassing the store, the remote and
-    cached intermediates, and return its files' digests. Nothing is published, locked or shown."""
+    cached intermediates, and return its files' digests and its intermediate's (None without one). Nothing is
+    published, locked or shown."""
     plan = project.fetched(project.plan(target))
     _check_source(target, plan.source.directory)
     project.store.tmp.mkdir(parents=True, exist_ok=True)
@@ -182,7 +220,7 @@ def rebuild(project: Project, target: Target) -> dict[str, FileDigest]:
         output.mkdir()
         log.info("rebuilding %s from scratch", target.name)
         produce(plan, _job(plan, output, intermediate))
-        return digest_files(output)
+        return digest_files(output), digest_files(intermediate) if intermediate else None
 
 
 def lock_entry(project: Project, plan: Plan, entry: Entry, locked: LockEntry | None) -> LockEntry:

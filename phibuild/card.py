@@ -121,8 +121,9 @@ LIMITATIONS = {
 }
 
 
-def model_card(name: str, entry: LockEntry) -> str:
-    """The card of artifact ``name``, in Markdown with the hub's YAML front matter."""
+def model_card(name: str, entry: LockEntry, figures_checked: bool = True) -> str:
+    """The card of artifact ``name``, in Markdown with the hub's YAML front matter; ``figures_checked``: whether
+    its fidelity figures were checked against their measurement on the machine writing the card."""
     parts = entry.parts
     backend = parts.backend
     vision = VISION_FILES.get(backend) in entry.files
@@ -146,6 +147,7 @@ def model_card(name: str, entry: LockEntry) -> str:
     files = "\n".join(f"| `{file}` | {want.size} | `{want.sha256}` |" for file, want in sorted(entry.files.items()))
     limits = "\n".join(f"- {text}" for text in limitations)
     prompt = "from a Phi chat prompt with an image" if vision else "from a Phi chat prompt"
+    figures = _fidelity(entry, figures_checked)
     after = " following the image prompt" if vision else ""
     return f"""---
 {_yaml(front)}---
@@ -178,7 +180,7 @@ In the model's directory, after `{install.get(backend, "")}`{" (image.png: your 
 ## Checks
 
 - Smoke check, in {LIBRARIES.get(backend, backend)}'s runtime, greedy, {prompt}: {entry.smoke.summary()}
-- Fidelity against the source model in float32 transformers, over held-out text{after}: {_fidelity(entry)}
+- Fidelity against the source model in float32 transformers, over held-out text{after}: {figures}
 
 ## Limitations
 
@@ -195,13 +197,16 @@ Check them with `sha256sum -c SHA256SUMS` in the release directory.
 """
 
 
-def _fidelity(entry: LockEntry) -> str:
+def _fidelity(entry: LockEntry, figures_checked: bool) -> str:
     """The fidelity figures, and what they mean."""
     if entry.fidelity is None:
         return "not measured (`doit fidelity` measures it)"
     if entry.fidelity.not_run is not None:
         return entry.fidelity.summary()
-    return (f"{entry.fidelity.summary()}. KL is how far this model's next-token distribution is from the "
+    unchecked = "" if figures_checked else (
+        " (as artifacts.lock records them: their measurement was in neither the store nor the remote of the machine "
+        "that wrote this card, so they were not checked against it there)")
+    return (f"{entry.fidelity.summary()}{unchecked}. KL is how far this model's next-token distribution is from the "
             "source's, averaged over positions (0 is identical; each quarter of a window is shown, so that an error "
             "growing with position shows); top-1 is how often both pick the same most likely token.")
 

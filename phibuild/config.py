@@ -15,6 +15,8 @@ Every key is optional::
                                                     # PHIBUILD_REMOTE overrides it
     remote_timeout = 10                             # seconds to connect, and for each read or write
     remote_transfer_timeout = 1800                  # seconds for a whole pull or push
+    trusted_keys = ["ci-1:BASE64..."]               # pull only entries signed by one of these (ed25519, as Nix);
+                                                    # a writer signs with the key file PHIBUILD_SIGNING_KEY names
     release = ["phi35-tiny-int4-onnx"]              # what `doit release` gathers (default: every locked one)
     release_dir = "release"
     report_dir = "report"                           # where `doit report` writes REPORT.md and its plots
@@ -54,9 +56,10 @@ or a misspelled backend, precision or parameter is one message naming it; nothin
 from __future__ import annotations
 
 import difflib
+import itertools
 import os
 import re
-import tomllib
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +68,7 @@ from . import backends
 from . import validate as v
 from .catalog import EMBEDDED, HUB, ModelSpec, lookup
 from .errors import ConfigError
+from .signing import PublicKey
 
 EVAL_TEXT = Path(__file__).parent / "eval" / "heldout.txt"  # written by tools/make_eval_text.py
 REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*\Z")
@@ -149,7 +153,7 @@ GATES = {
     "int8": {"kl": 1e-2, "top1": 0.95},
     "int4": {"kl": 0.1, "top1": 0.8},
 }
-GATE_FIELDS = {"kl": v.Field(v.number, required=False), "top1": v.Field(v.number, required=False)}
+GATE_FIELDS = {"kl": v.Field(v.number, required=False), "top1": v.Field(v.share, required=False)}
 
 
 def _gates(value: Any, where: str) -> dict[str, dict[str, float]]:
@@ -167,7 +171,49 @@ def _positive(value: Any, where: str) -> int:
     return value
 
 
-PUBLISH_FIELDS = {"repo": v.Field(v.text), "private": v.Field(v.boolean, required=False)}
+def _eval_length(value: Any, where: str) -> int:
+    """Tokens per evaluation window: at least the decode-speed prompt and its tokens (fidelity.py), and a few more."""
+    if v.count(value, where) < MIN_EVAL_LENGTH:
+        raise v.Invalid(f"{where} must be at least {MIN_EVAL_LENGTH} tokens")
+    return value
+
+
+MIN_EVAL_LENGTH = 128
+
+
+def _repo_pattern(value: Any, where: str) -> str:
+    """``[publish] repo``: a pattern whose only fields are ``{target}``, ``{model}``, ``{precision}`` and
+    ``{backend}`` (no attributes, indexes or formats), giving a repository id; checked here, not at publish time."""
+    v.text(value, where)
+    try:
+        fields = [field for _, field, spec, conversion in string.Formatter().parse(value)
+                  if field is not None and (field not in PATTERN_FIELDS or spec or conversion)]
+    except ValueError as exc:
+        raise v.Invalid(f"{where} = {value!r}: {exc}") from None
+    if fields:
+        raise v.Invalid(f"{where} = {value!r} uses {{{fields[0]}}}; it may use only "
+                        + ", ".join(f"{{{name}}}" for name in PATTERN_FIELDS))
+    example = value.format(**{name: "phi35-int4-onnx" if name == "target" else "x" for name in PATTERN_FIELDS})
+    if not REPO.match(example):
+        raise v.Invalid(f"{where} = {value!r} gives {example!r}, not a repository id like \"you/phi35-int4-onnx\"")
+    return value
+
+
+def _key_packages(value: Any, where: str) -> dict[str, list[str]]:
+    """``[key_packages]``: per known backend, distribution names, spelled as PEP 503 does (``Accelerate`` and
+    ``accelerate`` are one distribution; whether it is installed is checked when the key is computed)."""
+    from packaging.utils import canonicalize_name
+
+    checked = {}
+    for backend_name, names in v.table_of(v.text, v.text_list)(value, where).items():
+        _known(backend_name, list(backends.MODULES), "backend", where)
+        canonical = [v.distribution(str(canonicalize_name(name)), f"{where}.{backend_name}") for name in names]
+        checked[backend_name] = sorted(set(canonical))
+    return checked
+
+
+PATTERN_FIELDS = ("target", "model", "precision", "backend")
+PUBLISH_FIELDS = {"repo": v.Field(_repo_pattern), "private": v.Field(v.boolean, required=False)}
 FIELDS = {
     "models": v.Field(v.name_list, required=False),
     "model": v.Field(_model_tables, required=False),
@@ -185,11 +231,13 @@ FIELDS = {
     "remote_options": v.Field(v.table_of(v.text, v.json_value), required=False),
     "remote_timeout": v.Field(v.seconds, required=False),
     "remote_transfer_timeout": v.Field(v.seconds, required=False),
-    "key_packages": v.Field(v.table_of(v.name, v.name_list), required=False),
+    "trusted_keys": v.Field(lambda value, where: [PublicKey.from_text(text, f"{where}[{index}]") for index, text
+                                                  in enumerate(v.text_list(value, where))], required=False),
+    "key_packages": v.Field(_key_packages, required=False),
     "publish": v.Field(lambda value, where: v.fields(value, PUBLISH_FIELDS, where), required=False),
     "eval_text": v.Field(_path, required=False),
     "eval_windows": v.Field(_positive, required=False),
-    "eval_length": v.Field(_positive, required=False),
+    "eval_length": v.Field(_eval_length, required=False),
     "gates": v.Field(_gates, required=False),
 }
 
@@ -210,6 +258,7 @@ class Config:
     remote_options: dict[str, Any] = field(default_factory=dict)
     remote_timeout: float = 10.0
     remote_transfer_timeout: float = 1800.0
+    trusted_keys: list[PublicKey] = field(default_factory=list)  # pull only entries signed by one of these
     release: list[str] | None = None  # None: every artifact in the lock
     release_dir: Path = Path("release")
     report_dir: Path = Path("report")
@@ -246,18 +295,13 @@ def load(root: Path) -> Config:
     """Read ``root/pyproject.toml``; a project without one (or without the table) gets the defaults."""
     root = root.resolve()
     path = root / "pyproject.toml"
-    table: Any = {}
-    if path.is_file():
-        try:
-            table = tomllib.loads(path.read_text()).get("tool", {}).get("phibuild", {})
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: cannot be read ({exc})") from None
+    table = _table(path)
     try:
         settings = v.fields(table, FIELDS, "[tool.phibuild]")
     except v.Invalid as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    for name in SWITCHES:
+        switch(name)
     config = Config(root)
     config.custom_models = {name: ModelSpec(name, repo=spec.get("repo"), revision=spec.get("revision"),
                                             path=(root / spec["path"]) if "path" in spec else None,
@@ -266,9 +310,116 @@ def load(root: Path) -> Config:
     config.models = list(EMBEDDED) + list(HUB) + sorted(config.custom_models)
     for key, value in settings.items():
         setattr(config, key, value)
-    config.remote = os.environ.get("PHIBUILD_REMOTE") or config.remote
+    remote = os.environ.get("PHIBUILD_REMOTE")
+    if remote:
+        try:
+            config.remote = v.text(remote, "PHIBUILD_REMOTE")
+        except v.Invalid as exc:
+            raise ConfigError(str(exc)) from None
     if config.remote and "://" not in config.remote:  # a plain directory, relative to the project
         config.remote = str(root / config.remote)
+    _check_places(config)
     for name in config.models:
         config.model(name)
     return config
+
+
+def _table(path: Path) -> Any:
+    """``[tool.phibuild]`` of ``pyproject.toml`` (read bounded); a table near that name when it is missing is a
+    misspelling, said in one line rather than silently ignored."""
+    from . import reading
+
+    try:
+        data = reading.toml_data(reading.read_text(path, "settings"), str(path))
+    except FileNotFoundError:
+        return {}
+    except reading.Unreadable as exc:
+        raise ConfigError(str(exc)) from None
+    tool = data.get("tool", {})
+    if not isinstance(tool, dict):
+        raise ConfigError(f"{path}: [tool] must be a table")
+    if "phibuild" not in tool:
+        names = {str(name).lower(): str(name) for name in tool}
+        near = difflib.get_close_matches("phibuild", list(names), n=1, cutoff=0.75)
+        if near:
+            raise ConfigError(f"{path}: [tool.{names[near[0]]}] is not read by phibuild; did you mean "
+                              "[tool.phibuild]?")
+    return tool.get("phibuild", {})
+
+
+# Boolean environment switches (project.py reads them): what each value means, and nothing else is taken.
+SWITCHES = ("PHIBUILD_FROZEN", "PHIBUILD_RESTORE_ONLY", "PHIBUILD_REPIN")
+ON, OFF = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def switch(name: str) -> bool:
+    """A boolean environment switch: 1, true, yes or on; 0, false, no, off or unset (any case); anything else
+    is refused in one line, so that a typo never turns a safety switch silently off."""
+    value = os.environ.get(name, "")
+    if value.strip().lower() in ON:
+        return True
+    if value.strip().lower() in OFF:
+        return False
+    raise ConfigError(f"{name}={value[:40]!r} is neither on ({', '.join(ON)}) nor off ({', '.join(OFF[1:])}, or "
+                      "unset)")
+
+
+# The directories phibuild writes in and replaces whole, and the lock it rewrites: each must be a place of its own.
+# All but the store (which several projects may share) lie inside the project, below no symlink.
+PLACES = ("build", "release_dir", "report_dir", "store", "lock")
+
+
+def _check_places(config: Config) -> None:
+    """One path policy for every setting that names a place phibuild writes, checked when the settings are read,
+    before anything is written: inside the project (the store may be outside), named without ``..``, never the
+    project itself or a directory holding it, never reached through a symlink, a directory where a directory is
+    meant and a ``.lock`` file where the lock is, and no two of them overlapping (a plain-directory remote
+    included). What phibuild only reads is held to it too: the evaluation text lies inside the project, and no
+    model lies in one of phibuild's places (a release or a gc would take it with it)."""
+    root = config.root
+    places: dict[str, Path] = {}
+    for name in PLACES:
+        value = getattr(config, name)
+        said = f"[tool.phibuild] {name} = {str(value)!r}"
+        real = (root / value).resolve()
+        if real == root or root.is_relative_to(real):
+            raise ConfigError(f"{said} is the project{' or holds it' if real != root else ''}: phibuild would "
+                              f"write over it; give it a {'directory' if name != 'lock' else 'file'} of its own")
+        if name != "store":
+            if ".." in Path(value).parts:
+                raise ConfigError(f"{said}: name a place inside the project without '..'")
+            lexical = Path(os.path.normpath(root / value))
+            if not lexical.is_relative_to(root):
+                raise ConfigError(f"{said} lies outside the project ({lexical}); it must lie inside it")
+            if real != lexical:
+                raise ConfigError(f"{said} leads through a symlink (to {real}); phibuild writes only to real paths "
+                                  "inside the project")
+        if name == "lock" and (real.is_dir() or not real.name.endswith(".lock")):
+            raise ConfigError(f"{said} must name a file ending in .lock, which phibuild may rewrite whole")
+        if name != "lock" and real.exists() and not real.is_dir():
+            raise ConfigError(f"{said} is a file; phibuild needs a directory there")
+        places[name] = real
+    remote = config.remote.removeprefix("file://") if config.remote else None
+    if remote and "://" not in remote:
+        places["remote"] = Path(remote).resolve()
+        if places["remote"] == root or root.is_relative_to(places["remote"]):
+            raise ConfigError(f"the remote {config.remote} is the project or holds it; give it a directory of its own")
+    for (one, a), (other, b) in itertools.combinations(places.items(), 2):
+        if a == b or a.is_relative_to(b) or b.is_relative_to(a):
+            raise ConfigError(f"[tool.phibuild] {one} ({a}) and {other} ({b}) overlap; each needs a place of its own")
+    read = {f"[tool.phibuild.model.{name}] path": spec.path for name, spec in config.custom_models.items()
+            if spec.path is not None}
+    if config.eval_text is not None:
+        text = (root / config.eval_text).resolve()
+        if not text.is_relative_to(root):
+            raise ConfigError(f"[tool.phibuild] eval_text = {str(config.eval_text)!r} lies outside the project "
+                              f"({text}); the evaluation text is hashed into keys shared through the remote")
+        read["[tool.phibuild] eval_text"] = text
+    for said, path in read.items():
+        real = path.resolve()
+        inside = [name for name, place in places.items() if name != "lock" and real.is_relative_to(place)]
+        if inside:
+            raise ConfigError(f"{said} ({real}) lies in phibuild's {inside[0]}, which phibuild replaces or removes "
+                              "in; keep it elsewhere")
+        if len(f"path:{real}") > v.MAX_TEXT:
+            raise ConfigError(f"{said} is longer than phibuild records a path ({v.MAX_TEXT} characters)")

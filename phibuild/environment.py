@@ -76,6 +76,11 @@ class Environment:
         self._save()
         return probes[name]["value"]
 
+    def uninstalled(self, names: list[str]) -> list[str]:
+        """Those of ``names`` (canonical distribution names) that are not installed."""
+        installed = _installed()
+        return [name for name in names if name not in installed]
+
     def missing(self, extra: str) -> list[str]:
         """The distributions ``phibuild[extra]`` requires directly that are not installed."""
         return list(self._closure(extra)["missing"])
@@ -98,9 +103,11 @@ class Environment:
         """What an earlier run found in this same environment; anything unreadable is found out again."""
         if self.cache is None:
             return {}
+        from . import reading
+
         try:
-            data = json.loads(self.cache.read_text())
-        except (OSError, ValueError):
+            data = reading.json_data(reading.read_bytes(self.cache, "manifest"), str(self.cache))
+        except (OSError, reading.Unreadable):
             return {}
         if not isinstance(data, dict) or data.get("signature") != _signature():
             return {}

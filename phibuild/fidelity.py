@@ -27,11 +27,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from . import build
+from . import build, reading
 from .backends import SMOKE_IMAGE, SMOKE_QUESTION, TRANSFORMERS_OPTIONAL, CannotRun, Job, console_kept, platform_tag
 from .catalog import VISION_ARCHITECTURES
 from .environment import covered_only
-from .errors import BuildError, ConfigError, LockError
+from .errors import BuildError, ConfigError, DamageError, LockError
 from .hashing import digest_json, hash_file
 from .project import Plan, Project, Target, frozen
 from .records import MEASUREMENT, REFERENCE, Fidelity, KeyParts
@@ -66,6 +66,7 @@ def measure(project: Project, target: Target) -> Measured:
         raise BuildError(f"{target.name}: not built; `doit quantize:{target.name}` builds it")
     reference = reference_parts(project, plan)
     if _stands(locked.fidelity, reference.key):
+        checked(project, target.name, locked.fidelity)
         return Measured(locked.fidelity, "as artifacts.lock records it")
     if frozen():
         raise LockError(f"{target.name}: artifacts.lock has no fidelity record for reference {reference.key} "
@@ -82,9 +83,57 @@ def measure(project: Project, target: Target) -> Measured:
               trust_remote_code=target.model.trust_remote_code, vision=vision(project, plan))
     entry, how = build.obtain(project, parts, f"{target.name}-fidelity", None,
                               lambda output: _make_measurement(plan, job, ref_entry.artifact, output))
-    record = _record(json.loads((entry.artifact / METRICS).read_text()), reference.key, parts.key)
+    record = replace(stored_record(entry.artifact, reference.key, parts.key, f"{target.name}'s measurement"),
+                     files=dict(entry.files))
     project.lock.put(target.name, replace(locked, fidelity=record))
     return Measured(record, how)
+
+
+def stored_record(artifact: Path, reference: str, measurement: str, what: str) -> Fidelity:
+    """The lock's record of the measurement in a store entry's ``artifact`` directory: read bounded, every figure
+    checked as the lock checks it (finite, in its range) before it can be written anywhere."""
+    path = artifact / METRICS
+    try:
+        metrics = reading.json_data(reading.read_bytes(path, "measurement"), str(path))
+        if not isinstance(metrics, dict):
+            raise TypeError("not a JSON object")
+        data: dict[str, Any] = {"reference": reference, "measurement": measurement, "runtime": metrics["runtime"],
+                                "recipe": RECIPE}
+        if "not_run" in metrics:
+            data["not_run"] = metrics["not_run"]
+        else:
+            data.update({name: _digits(metrics[name]) for name in Fidelity.FIGURES}, tokens=metrics["tokens"],
+                        kl_by_position=[_digits(value) for value in metrics["kl_by_position"]])
+        return Fidelity.from_dict(data, what)
+    except (reading.Unreadable, OSError, KeyError, TypeError, ValueError) as exc:
+        raise DamageError(f"{what} ({path}) is not a measurement phibuild can record: {exc}") from None
+
+
+def checked(project: Project, name: str, record: Fidelity) -> bool:
+    """Whether ``record`` (a lock's) was checked against the measurement it names: found in the store, or pulled
+    from the remote by the files the record pins. A figure that disagrees with the measurement is an error, as an
+    edited digest is. False when the measurement is in neither place: the lock's figures stand, unchecked here,
+    and a card says so."""
+    try:
+        stored = project.store.get(record.measurement)
+    except DamageError:
+        stored = None
+    if stored is None and record.files:
+        stored = project.remote.pull(record.measurement, record.files, project.store)
+    if stored is None:
+        return False
+    if record.files and stored.files != record.files:
+        raise LockError(f"{name}: artifacts.lock pins other files for the measurement {record.measurement} than the "
+                        "store holds: the lock was edited; restore it from git, or remove the fidelity record and run "
+                        f"`doit fidelity:{name}`")
+    measured = stored_record(stored.artifact, record.reference, record.measurement, f"{name}'s measurement")
+    mine, theirs = replace(record, recipe=measured.recipe, files=None).to_dict(), measured.to_dict()
+    if mine != theirs:
+        differ = [field for field, value in theirs.items() if mine.get(field) != value]
+        raise LockError(f"{name}: artifacts.lock's fidelity record disagrees with the measurement {record.measurement} "
+                        f"in the store ({', '.join(differ)}): the lock was edited; restore it from git, or remove "
+                        f"the record and run `doit fidelity:{name}`")
+    return True
 
 
 def status(project: Project, target: Target) -> str | None:
@@ -99,6 +148,7 @@ def status(project: Project, target: Target) -> str | None:
         return "the reference changed (the source, the evaluation text or the torch/transformers versions)"
     if locked.fidelity.recipe != RECIPE:
         return f"measured by an older recipe ({locked.fidelity.recipe}; phibuild's is {RECIPE})"
+    checked(project, target.name, locked.fidelity)
     return gate(project, target, locked.fidelity)
 
 
@@ -130,10 +180,7 @@ def _known_cause(target: Target) -> str:
 def reference_parts(project: Project, plan: Plan) -> KeyParts:
     """The key components of the reference for ``plan``'s source model."""
     text, windows, length = project.config.eval_settings()
-    try:
-        digest = digest_json(text.read_text())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"the evaluation text {text} cannot be read ({exc})") from None
+    digest = digest_json(eval_text(text))
     try:
         toolchain = project.environment.toolchain(REFERENCE, EXTRA, TRANSFORMERS_OPTIONAL)
     except LookupError as exc:
@@ -168,7 +215,7 @@ def _make_reference(project: Project, plan: Plan, parts: KeyParts, output: Path)
 
         source, remote = str(plan.source.directory), plan.target.model.trust_remote_code
         ids = AutoTokenizer.from_pretrained(source, trust_remote_code=remote)(
-            text.read_text(), add_special_tokens=False)["input_ids"]
+            eval_text(text), add_special_tokens=False)["input_ids"]
         needed = windows * (length + 1)
         if len(ids) < needed:
             raise ConfigError(f"the evaluation text {text} is {len(ids)} tokens long for {plan.target.model.name}; "
@@ -184,6 +231,14 @@ def _make_reference(project: Project, plan: Plan, parts: KeyParts, output: Path)
     np.save(output / "tokens.npy", tokens)
     np.save(output / "logprobs.npy", logprobs)
     return build.Made()
+
+
+def eval_text(path: Path) -> str:
+    """The evaluation text, read bounded."""
+    try:
+        return reading.read_text(path, "evaluation text")
+    except (reading.Unreadable, OSError) as exc:
+        raise ConfigError(f"the evaluation text {path} cannot be read ({exc})") from None
 
 
 def vision(project: Project, plan: Plan) -> bool:
@@ -273,16 +328,6 @@ def compare(logprobs: Any, tokens: Any, logits: list[Any]) -> dict[str, Any]:
         "ppl": float(np.exp(np.stack(nll).mean())),
         "ppl_reference": float(np.exp(np.stack(nll_reference).mean())),
     }
-
-
-def _record(metrics: dict[str, Any], reference: str, measurement: str) -> Fidelity:
-    """The lock's record of ``metrics``, at three significant digits."""
-    if "not_run" in metrics:
-        return Fidelity(reference, measurement, str(metrics["runtime"]), RECIPE, not_run=str(metrics["not_run"]))
-    figures = {name: _digits(metrics[name]) for name in Fidelity.FIGURES}
-    curve = tuple(_digits(value) for value in metrics["kl_by_position"])
-    return Fidelity(reference, measurement, str(metrics["runtime"]), RECIPE, int(metrics["tokens"]),
-                    kl_by_position=curve, **figures)
 
 
 def _digits(value: float) -> float:

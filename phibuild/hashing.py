@@ -21,6 +21,8 @@ from pathlib import Path
 
 import xxhash
 
+from .reading import open_regular
+
 CHUNK = 1024 * 1024  # few syscalls, and small enough to stay in the L2 cache while xxh3 reads it
 PROGRESS_ABOVE = 256 * 1024 * 1024
 RACY_SECONDS = 2.0
@@ -58,18 +60,19 @@ class FileDigest:
 
 def hash_file(path: Path, with_sha256: bool = False, copy_to: Path | None = None) -> FileDigest:
     """Read ``path`` once in 1 MiB chunks and return its xxh3-128 (and sha256 if asked); with ``copy_to``,
-    write what was read there too, so that a copy is checked in the same pass that makes it."""
+    write what was read there too, so that a copy is checked in the same pass that makes it. Only a regular file
+    is read (``reading.open_regular``): a FIFO or a device is an OSError, not a hang."""
     global bytes_read
     from tqdm import tqdm  # here, not at the top: a no-op run hashes nothing and need not import it
 
     xxh = xxhash.xxh3_128()
     sha = hashlib.sha256() if with_sha256 else None
-    size = os.path.getsize(path)
-    buffer = bytearray(min(CHUNK, max(size, 1)))
-    view = memoryview(buffer)
-    done = 0
     with contextlib.ExitStack() as stack:
-        handle = stack.enter_context(open(path, "rb", buffering=0))
+        handle = stack.enter_context(open(open_regular(path), "rb", buffering=0))  # never a FIFO or a device
+        size = os.fstat(handle.fileno()).st_size
+        buffer = bytearray(min(CHUNK, max(size, 1)))
+        view = memoryview(buffer)
+        done = 0
         out = stack.enter_context(open(copy_to, "xb")) if copy_to is not None else None
         bar = stack.enter_context(tqdm(total=size, unit="B", unit_scale=True, desc=f"hashing {Path(path).name}",
                                        disable=size < PROGRESS_ABOVE, leave=False))
@@ -182,14 +185,23 @@ def _connect(path: Path) -> tuple[sqlite3.Connection, bool]:
     db = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() and not path.is_file():
+            raise OSError(f"{path} is not a regular file")  # a FIFO there would hang SQLite's open
         db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
         _setup(db)
         return db, True
-    except (OSError, sqlite3.OperationalError) as exc:
+    except sqlite3.DatabaseError as exc:
         if db is not None:
             db.close()
         if "locked" in str(exc):
             raise
+        if not isinstance(exc, sqlite3.OperationalError) and path.is_file():  # not a database: only a cache, lost
+            with contextlib.suppress(OSError):
+                path.unlink()
+                return _connect(path)
+    except OSError:
+        if db is not None:
+            db.close()
     if path.is_file():
         db = sqlite3.connect(f"{path.resolve().as_uri()}?immutable=1", uri=True, check_same_thread=False)
         try:

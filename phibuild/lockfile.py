@@ -13,15 +13,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import re
-import tomllib
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import tomli_w
 
-from . import validate
+from . import reading, validate
 from .errors import LockError, file_system_error
-from .records import Lock, LockEntry
+from .records import Lock, LockEntry, Smoke
 from .store import write_file
 
 HEADER = (
@@ -68,16 +68,19 @@ class Lockfile:
             self._write(Lock(artifacts))
 
     def put_all(self, lock: Lock) -> None:
-        """Replace the whole lock in one atomic write (``doit assemble``)."""
+        """Replace the whole lock in one atomic write (``doit assemble``); what is there must be a lock too."""
         with self._writers():
+            if self.path.exists():
+                parse(self._text(), self.path)
             self._write(lock)
 
     def _text(self) -> str:
+        """The file's text, read bounded (``reading``): a FIFO, a device or a file larger than any lock is refused."""
         try:
-            return self.path.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            if isinstance(exc, UnicodeDecodeError):
-                raise LockError(f"{self.path} is not text: restore it from git") from None
+            return reading.read_text(self.path, "lock")
+        except reading.Unreadable as exc:
+            raise LockError(f"{exc}: restore it from git") from None
+        except OSError as exc:
             raise file_system_error(exc, "reading the lock") from None
 
     @contextlib.contextmanager
@@ -106,7 +109,12 @@ class Lockfile:
                 raise LockError(f"{self.path} is read-only, so the build was not pinned in it: make it writable "
                                 f"(chmod u+w {self.path.name}) and build again, or set PHIBUILD_FROZEN=1 to check "
                                 "against it without writing")
-            write_file(self.path, HEADER + tomli_w.dumps(_sorted(lock.to_dict())))
+            text = HEADER + tomli_w.dumps(_sorted(lock.to_dict()))
+            try:  # written only as it will be read back: never a lock phibuild itself refuses
+                parse(text, self.path)
+            except LockError as exc:
+                raise LockError(f"not written, as it would not read back: {exc}") from None
+            write_file(self.path, text)
         except OSError as exc:
             raise file_system_error(exc, f"writing {self.path.name}") from None
 
@@ -114,26 +122,31 @@ class Lockfile:
 def merge(base: Lock, slices: dict[str, Lock]) -> Lock:
     """One lock from ``base`` (the committed one) and the locks several CI jobs wrote from it (by name).
 
-    A target takes the entry a slice changed; slices that changed it differently are a conflict.
+    A target takes the entry a slice changed; slices that changed it differently are a conflict. Where the smoke
+    check ran (here, or on the machine a slice pulled the artifact from) is provenance, not a difference: of
+    entries that agree on everything else, the one whose slice built the artifact is taken, else a vouched one.
     """
     merged = dict(base.artifacts)
     for target in sorted({name for lock in slices.values() for name in lock.artifacts}):
-        changed: dict[str, tuple[str, LockEntry]] = {}
+        changed: dict[str, list[tuple[str, LockEntry]]] = {}
         for slice_name, lock in sorted(slices.items()):
             entry = lock.artifacts.get(target)
             if entry is not None and entry != base.artifacts.get(target):
-                changed.setdefault(_canonical(entry), (slice_name, entry))
+                changed.setdefault(_canonical(entry), []).append((slice_name, entry))
         if len(changed) > 1:
-            names = ", ".join(slice_name for slice_name, _ in changed.values())
+            names = ", ".join(found[0][0] for found in changed.values())
             raise LockError(f"{target}: the slices {names} built it differently (different keys or files); "
                             "build it in one slice only")
         if changed:
-            merged[target] = next(iter(changed.values()))[1]
+            candidates = [entry for _, entry in next(iter(changed.values()))]
+            merged[target] = min(candidates, key=lambda entry: (entry.smoke.pulled_from is not None,
+                                                                entry.smoke.unverified))
     return Lock(merged)
 
 
 def _canonical(entry: LockEntry) -> str:
-    return tomli_w.dumps(_sorted(entry.to_dict()))
+    """The entry without the provenance of its smoke check."""
+    return tomli_w.dumps(_sorted(replace(entry, smoke=Smoke(entry.smoke.result)).to_dict()))
 
 
 def parse(text: str, path: Path) -> Lock:
@@ -144,10 +157,12 @@ def parse(text: str, path: Path) -> Lock:
             f"{path}:{line}: unresolved merge conflict marker {conflict.group(1)!r}. Resolve it by keeping "
             "either side of each conflicting artifact table (or delete those tables and rebuild them)."
         )
+    if not text.strip():
+        return Lock({})  # an empty file is an empty lock, as a missing one is
     try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise LockError(f"{path}: not valid TOML ({exc}). Fix the line by hand or restore it from git.") from None
+        data = reading.toml_data(text, str(path))
+    except reading.Unreadable as exc:
+        raise LockError(f"{exc}. Fix it by hand or restore it from git.") from None
     try:
         return Lock.from_dict(data, str(path))
     except validate.Invalid as exc:

@@ -7,16 +7,15 @@ The verbs live in modules of their own: ``status`` (is a target fresh), ``build`
 from __future__ import annotations
 
 import difflib
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import backends, sources
+from . import backends, signing, sources
 from .backends import Backend
 from .catalog import VISION_ARCHITECTURES, ModelSpec
-from .config import Config, load
+from .config import Config, load, switch
 from .environment import Environment
 from .errors import ConfigError, PhibuildError, SourceError, UnsupportedError
 from .hashing import digest_json
@@ -82,23 +81,19 @@ def left_out_summary(left_out: list[LeftOut]) -> str:
     return "; ".join(parts)
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
-
-
 def frozen() -> bool:
     """``PHIBUILD_FROZEN=1``: fail instead of changing artifacts.lock (for CI)."""
-    return _flag("PHIBUILD_FROZEN")
+    return switch("PHIBUILD_FROZEN")
 
 
 def restore_only() -> bool:
     """``PHIBUILD_RESTORE_ONLY=1``: take artifacts from the store or the remote, never build (CI fan-in)."""
-    return _flag("PHIBUILD_RESTORE_ONLY")
+    return switch("PHIBUILD_RESTORE_ONLY")
 
 
 def repin() -> bool:
     """``PHIBUILD_REPIN=1``: accept bytes that differ from the lock under an unchanged key, and say so."""
-    return _flag("PHIBUILD_REPIN")
+    return switch("PHIBUILD_REPIN")
 
 
 class Project:
@@ -109,7 +104,8 @@ class Project:
         lock = self.root / config.lock
         self.lock = Lockfile(lock, self.store.locks / f"lockfile-{digest_json(str(lock))[:16]}.lock")
         self.remote = (Remote(config.remote, config.remote_options, config.remote_timeout,
-                              config.remote_transfer_timeout) if config.remote else NoRemote())
+                              config.remote_transfer_timeout, config.trusted_keys, signing.from_environment())
+                       if config.remote else NoRemote())
         self.environment = Environment(self.store.root / "toolchains.json")
         self._targets: tuple[list[Target], list[LeftOut], list[str]] | None = None
         self._toolchains: dict[str, Toolchain] = {}
@@ -193,8 +189,13 @@ class Project:
     def toolchain(self, backend: Backend) -> Toolchain:
         """What ``backend`` builds with, as its key records it."""
         if backend.name not in self._toolchains:
+            asked = self.config.key_packages.get(backend.name, [])
+            absent = self.environment.uninstalled(asked)
+            if absent:
+                raise ConfigError(f"[tool.phibuild.key_packages] {backend.name} names {', '.join(absent)}, which is "
+                                  "not installed: a key cannot cover what is not there (check the spelling)")
             try:
-                optional = backend.optional_imports + tuple(self.config.key_packages.get(backend.name, ()))
+                optional = backend.optional_imports + tuple(asked)
                 toolchain = self.environment.toolchain(backend.name, backend.extra, optional)
             except LookupError as exc:
                 raise ConfigError(f"backend {backend.name} ({backend.title}) needs {exc}, which is not installed: "

@@ -2,7 +2,8 @@
 
 The repository is named by ``[tool.phibuild.publish] repo`` (a pattern over ``{target}``, ``{model}``,
 ``{precision}`` and ``{backend}``); the token is huggingface_hub's (``HF_TOKEN``), the hub ``HF_ENDPOINT``'s.
-What is published is what ``doit release`` wrote, checked against its ``SHA256SUMS`` first; the model card
+What is published is what ``doit release`` wrote, checked against its ``SHA256SUMS`` and then against
+``artifacts.lock`` (files, sha256, the card its entry gives; nobody vouched for, not shipped); the model card
 becomes the repository's ``README.md``. An artifact the repository already holds, file for file (LFS files by
 sha256, the others by their git blob id), is skipped: publishing twice makes no second commit. Otherwise one
 commit adds every file and removes files the artifact no longer has, so a reader sees the old artifact or the
@@ -16,9 +17,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import reading
+from .card import model_card
 from .errors import BuildError, ConfigError
 from .project import Project
-from .release import CARD, REPORT
+from .records import LockEntry
+from .release import CARD, REPORT, shippable
 
 log = logging.getLogger(__name__)
 KEPT = {".gitattributes"}  # the hub's own, in every repository
@@ -40,12 +44,16 @@ def publish(project: Project, release_dir: Path) -> list[Published]:
         raise ConfigError('doit publish needs [tool.phibuild.publish] repo = "you/{target}" in pyproject.toml')
     sums = _checked_release(release_dir)
     lock = project.lock.read().artifacts
-    api = HfApi()
-    done = []
-    for target in sorted({path.split("/", 1)[0] for path in sums} - {REPORT}):  # the report is the bundle's
+    targets = sorted({path.split("/", 1)[0] for path in sums} - {REPORT})  # the report is the bundle's
+    for target in targets:  # every artifact checked before the first is pushed
         entry = lock.get(target)
         if entry is None:
             raise BuildError(f"{release_dir / target} is not in artifacts.lock; run `doit release` again")
+        _as_locked(project, release_dir, target, entry, sums)
+    api = HfApi()
+    done = []
+    for target in targets:
+        entry = lock[target]
         repo = repo_name(settings["repo"], target, entry.model, entry.parts.precision, entry.parts.backend)
         files = {("README.md" if path == f"{target}/{CARD}" else path.split("/", 1)[1]): path
                  for path in sums if path.startswith(f"{target}/")}
@@ -81,6 +89,23 @@ def repo_name(pattern: str, target: str, model: str, precision: str, backend: st
     return name
 
 
+def _as_locked(project: Project, release_dir: Path, target: str, entry: LockEntry, sums: dict[str, str]) -> None:
+    """What publish pushes of ``target`` is what artifacts.lock pins: its files, each with the lock's sha256 (not
+    only SHA256SUMS', which whoever swapped a file could rewrite too), and the card the lock's entry gives."""
+    figures_checked = shippable(project, target, entry)
+    again = "; run `doit release` again"
+    have = {path.split("/", 1)[1] for path in sums if path.startswith(f"{target}/")}
+    if have != set(entry.files) | {CARD}:
+        differ = sorted(have ^ (set(entry.files) | {CARD}))
+        raise BuildError(f"{release_dir / target} does not hold the files artifacts.lock pins ({', '.join(differ)})"
+                         + again)
+    for file, want in entry.files.items():
+        if sums[f"{target}/{file}"] != want.sha256:
+            raise BuildError(f"{release_dir / target / file} is not the file artifacts.lock pins" + again)
+    if (release_dir / target / CARD).read_text() != model_card(target, entry, figures_checked):
+        raise BuildError(f"{release_dir / target / CARD} is not the card artifacts.lock's entry gives" + again)
+
+
 def _checked_release(release_dir: Path) -> dict[str, str]:
     """``{path: sha256}`` from the release's SHA256SUMS, every file read and checked against it."""
     from .hashing import hash_file
@@ -89,8 +114,12 @@ def _checked_release(release_dir: Path) -> dict[str, str]:
     sums_file = release_dir / "SHA256SUMS"
     if not sums_file.is_file():
         raise BuildError(f"{release_dir} holds no release; run `doit release` first")
+    try:
+        lines = reading.read_text(sums_file, "release sums").splitlines()
+    except reading.Unreadable as exc:
+        raise BuildError(str(exc)) from None
     sums = {}
-    for line in sums_file.read_text().splitlines():
+    for line in lines:
         digest, _, path = line.partition("  ")
         try:
             relative_path(path, "SHA256SUMS")

@@ -8,6 +8,7 @@ declared once) and one ``to_dict`` that is its exact inverse, as dvc-data's ``Ha
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -15,6 +16,7 @@ from . import validate as v
 from .hashing import FileDigest, digest_json
 
 FILES = v.table_of(v.relative_path, FileDigest.from_dict)
+PYTHON = re.compile(r"[a-z]+-[0-9]+\.[0-9]+\Z")  # environment.python(): "cpython-3.11"
 INTERMEDIATE = "intermediate"  # the precision of a backend's shared first step
 REFERENCE = "reference"  # the precision of a source model's reference logits (fidelity.py)
 MEASUREMENT = "fidelity"  # the precision of an artifact's fidelity measurement (fidelity.py)
@@ -37,7 +39,8 @@ class Toolchain:
     python: str
     packages: dict[str, str]  # distribution -> exact version
 
-    TABLE = {"backend": v.Field(v.name), "python": v.Field(v.text), "packages": v.Field(v.table_of(v.text, v.text))}
+    TABLE = {"backend": v.Field(v.name), "python": v.Field(lambda value, where: v.pattern(PYTHON, value, where)),
+             "packages": v.Field(v.table_of(v.distribution, v.version))}
 
     @property
     def id(self) -> str:
@@ -112,23 +115,42 @@ class KeyParts:
 
 @dataclass(frozen=True)
 class Smoke:
-    """What the smoke check said, and where it ran: here, or on the machine a pulled artifact came from."""
+    """What the smoke check said, and where it ran: here, or on the machine a pulled artifact came from.
+
+    An artifact pulled for a key artifacts.lock did not pin carries ``pulled_from`` and, until someone vouches
+    for it, no ``trusted_by``: release and publish refuse it. It is vouched for by a trusted signature on the
+    remote (``signed by NAME``) or by ``doit reproduce`` rebuilding the same bytes here (Nix's binary caches work
+    the same way: a path is substituted only when signed by a trusted key, or built locally)."""
 
     result: str  # "ok: 8 tokens from a Phi chat prompt: '...'" or "not run: <why>"
     pulled_from: str | None = None
+    trusted_by: str | None = None  # why a pulled artifact is trusted; None: nobody vouched for it yet
 
-    TABLE = {"result": v.Field(v.text), "pulled_from": v.Field(v.text, required=False)}
+    TABLE = {"result": v.Field(v.text), "pulled_from": v.Field(v.text, required=False),
+             "trusted_by": v.Field(v.text, required=False)}
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> Smoke:
-        return cls(**v.fields(data, cls.TABLE, where))
+        smoke = cls(**v.fields(data, cls.TABLE, where))
+        if smoke.trusted_by and not smoke.pulled_from:
+            raise v.Invalid(f"{where}: trusted_by belongs to a pulled artifact, and this one names no remote")
+        return smoke
 
     def to_dict(self) -> dict[str, str]:
-        return {"result": self.result, **({"pulled_from": self.pulled_from} if self.pulled_from else {})}
+        return {"result": self.result, **({"pulled_from": self.pulled_from} if self.pulled_from else {}),
+                **({"trusted_by": self.trusted_by} if self.trusted_by else {})}
+
+    @property
+    def unverified(self) -> bool:
+        """Pulled from a remote for a key the lock did not pin, and vouched for by nobody."""
+        return self.pulled_from is not None and self.trusted_by is None
 
     def summary(self) -> str:
-        return self.result + (f" (checked where it was built; pulled from {self.pulled_from})"
-                              if self.pulled_from else "")
+        if not self.pulled_from:
+            return self.result
+        trust = (f"trusted: {self.trusted_by}" if self.trusted_by
+                 else "UNVERIFIED: no trusted signature, not rebuilt here")
+        return f"{self.result} (checked where it was built; pulled from {self.pulled_from}; {trust})"
 
 
 @dataclass(frozen=True)
@@ -172,11 +194,12 @@ class Manifest:
             data["intermediate"] = self.intermediate.to_dict()
         return data
 
-    def pulled(self, url: str) -> Manifest:
-        """This manifest as the local store keeps it once pulled from ``url``: the smoke check ran there."""
-        if self.smoke is None or self.smoke.pulled_from:
+    def pulled(self, url: str, trusted_by: str | None) -> Manifest:
+        """This manifest as the local store keeps it once pulled from ``url``: the smoke check ran there, and
+        ``trusted_by`` says why it is trusted (None: for nothing but its own word)."""
+        if self.smoke is None:
             return self
-        return replace(self, smoke=replace(self.smoke, pulled_from=url))
+        return replace(self, smoke=Smoke(self.smoke.result, self.smoke.pulled_from or url, trusted_by))
 
 
 @dataclass(frozen=True)
@@ -194,6 +217,12 @@ class Pin:
 
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.key, "files": files_to_dict(self.files)}
+
+
+# Each fidelity figure's range: a KL is at least 0, an agreement a share, a perplexity at least 1, a speed above 0.
+FIGURE_CHECKS = {"kl": v.number, "kl_se": v.number, "kl_early": v.number, "kl_late": v.number, "top1": v.share,
+                 "ppl": v.perplexity, "ppl_reference": v.perplexity, "prefill_tps": v.positive,
+                 "decode_tps": v.positive}
 
 
 @dataclass(frozen=True)
@@ -220,24 +249,38 @@ class Fidelity:
     decode_tps: float = 0.0  # tokens/s generating one token at a time, there (informational)
     kl_by_position: tuple[float, ...] = ()  # mean KL over equal spans of a window's positions, first to last
     not_run: str | None = None
+    files: dict[str, FileDigest] | None = None  # the measurement's files, pinned as an artifact's are
 
     FIGURES = ("kl", "kl_se", "kl_early", "kl_late", "top1", "ppl", "ppl_reference", "prefill_tps", "decode_tps")
     TABLE = {"reference": v.Field(v.key), "measurement": v.Field(v.key), "runtime": v.Field(v.text),
              "recipe": v.Field(v.text, required=False), "tokens": v.Field(v.count, required=False),
-             "not_run": v.Field(v.text, required=False),
+             "not_run": v.Field(v.text, required=False), "files": v.Field(FILES, required=False),
              "kl_by_position": v.Field(v.number_list, required=False),
-             **{figure: v.Field(v.number, required=False) for figure in FIGURES}}
+             **{figure: v.Field(check, required=False) for figure, check in FIGURE_CHECKS.items()}}
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> Fidelity:
+        """A record with either every figure, each in its range, or the reason there are none."""
         got = v.fields(data, cls.TABLE, where)
-        if ("not_run" in got) == ("kl" in got):
-            raise v.Invalid(f"{where}: a fidelity record has either its figures or the reason they are missing")
+        measured = [name for name in (*cls.FIGURES, "tokens", "kl_by_position") if name in got]
+        if "not_run" in got:
+            if measured:
+                raise v.Invalid(f"{where}: a record that says why it was not measured has no figures "
+                                f"({', '.join(measured)})")
+        else:
+            missing = sorted({*cls.FIGURES, "tokens"} - set(measured))
+            if missing:
+                raise v.Invalid(f"{where}: a fidelity record has either all its figures or the reason they are "
+                                f"missing; it lacks {', '.join(missing)}")
+            if got["tokens"] < 1:
+                raise v.Invalid(f"{where}.tokens: a measurement compares at least one position")
         return cls(**got)
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"reference": self.reference, "measurement": self.measurement,
                                 "runtime": self.runtime, "recipe": self.recipe}
+        if self.files:
+            data["files"] = files_to_dict(self.files)
         if self.not_run is not None:
             return {**data, "not_run": self.not_run}
         return {**data, "tokens": self.tokens, **{figure: getattr(self, figure) for figure in self.FIGURES},
@@ -273,7 +316,7 @@ class LockEntry:
              "recipe": v.Field(v.text), "machine": v.Field(v.table_of(v.name, v.text)),
              "trust_remote_code": v.Field(v.boolean, required=False), "key": v.Field(v.key),
              "files": v.Field(FILES), "smoke": v.Field(Smoke.from_dict),
-             "intermediate": v.Field(Pin.from_dict, required=False), "license": v.Field(v.text, required=False),
+             "intermediate": v.Field(Pin.from_dict, required=False), "license": v.Field(v.license_id, required=False),
              "fidelity": v.Field(Fidelity.from_dict, required=False)}
 
     @classmethod

@@ -13,13 +13,13 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import report, validate
+from . import fidelity, reading, report, validate
 from .card import model_card
-from .errors import BuildError, DamageError
-from .hashing import hash_file
+from .errors import BuildError, DamageError, LockError
+from .hashing import FileDigest, hash_file
 from .project import Project
 from .records import LockEntry
-from .store import staged
+from .store import Entry, files_under, staged
 
 CARD = "MODEL_CARD.md"
 REPORT = "report"  # the bundle's report directory; no target is called that (names end in -<backend>)
@@ -63,31 +63,35 @@ def _built(project: Project, entry: LockEntry) -> bool:
 
 
 def release(project: Project, directory: Path) -> Released:
-    """Gather the chosen artifacts into ``directory``."""
+    """Gather the chosen artifacts into ``directory``; nothing is replaced unless every one of them is shippable."""
     chosen = choose(project)
+    if not chosen.artifacts:
+        raise BuildError(f"nothing to release: none of the {len(chosen.not_built)} configured artifacts is built here "
+                         f"(`doit quantize:NAME` builds or restores one); {project.shown(directory)} is left as it is")
     lock = project.lock.read().artifacts
-    with staged(directory) as staging:
+    figures_checked = {name: shippable(project, name, lock[name]) for name in chosen.artifacts}
+    with staged(directory, _not_released) as staging:
         sums: dict[str, str] = {}  # path in the bundle -> sha256
         for name in sorted(chosen.artifacts):
             entry = lock[name]
             try:
                 stored = project.store.get(entry.key)
             except DamageError as exc:
-                raise BuildError(f"{name}: the store entry is damaged ({exc}); run `doit quantize:{name}`") from None
+                project.store.remove(entry.key)
+                raise BuildError(f"{name}: the store entry was damaged ({exc}) and is removed; `doit quantize:{name}` "
+                                 "builds or restores it again") from None
             for file, want in sorted(entry.files.items()):
                 copy = validate.inside(staging, f"{name}/{file}")
                 copy.parent.mkdir(parents=True, exist_ok=True)
                 try:
                     got = hash_file(stored.artifact / file, with_sha256=True, copy_to=copy)
                 except FileNotFoundError:
-                    raise BuildError(f"{name}: {file} is missing from the store; run `doit quantize:{name}`") from None
+                    got = None
                 if got != want:
-                    raise BuildError(f"{name}: {file} in the store is not the file artifacts.lock pins (sha256 "
-                                     f"{got.sha256[:16]}, locked {want.sha256[:16]}): it is damaged; run "
-                                     f"`doit quantize:{name}` to rebuild it")
+                    _refuse(project, name, stored, file, got, want)
                 sums[f"{name}/{file}"] = got.sha256
             card = staging / name / CARD
-            card.write_text(model_card(name, entry))
+            card.write_text(model_card(name, entry, figures_checked[name]))
             sums[f"{name}/{CARD}"] = hashlib.sha256(card.read_bytes()).hexdigest()
         (staging / REPORT).mkdir()
         report.render(project, report.rows(project, chosen.artifacts), staging / REPORT)
@@ -97,3 +101,39 @@ def release(project: Project, directory: Path) -> Released:
         (staging / "SHA256SUMS").write_text("\n".join(chosen.sums) + "\n")
     return chosen
 
+
+def shippable(project: Project, name: str, entry: LockEntry) -> bool:
+    """Refuse an artifact nobody vouched for (pulled for a key the lock did not pin, unsigned, not rebuilt here),
+    and one whose fidelity figures in the lock disagree with the measurement they name: release and publish ship
+    neither. Returns whether the figures were checked against their measurement here (the card says when not)."""
+    if entry.smoke.unverified:
+        raise BuildError(f"{name} was pulled from {entry.smoke.pulled_from} for a key artifacts.lock did not pin, "
+                         f"without a trusted signature, so it is not shipped: `doit reproduce:{name}` rebuilds it here "
+                         "and vouches for it when the bytes agree (or list the writer's key in trusted_keys)")
+    return entry.fidelity is None or entry.fidelity.not_run is not None or fidelity.checked(project, name,
+                                                                                            entry.fidelity)
+
+
+def _refuse(project: Project, name: str, stored: Entry, file: str, got: FileDigest | None, want: FileDigest) -> None:
+    """A store file that is not the one the lock pins: if the entry no longer matches its own manifest it is
+    damaged, and removed so that ``doit quantize`` rebuilds it; if it does, only a build can tell whether the lock
+    or the entry is wrong, and nothing is removed."""
+    if project.store.damaged_files(stored, read=True):
+        project.store.remove(stored.key)
+        raise BuildError(f"{name}: {file} in the store is damaged (it no longer matches its manifest); the entry is "
+                         f"removed: `doit quantize:{name}` builds or restores it again")
+    have = "missing" if got is None else f"{got.size} bytes, sha256 {got.sha256[:16]}"
+    raise LockError(f"{name}: artifacts.lock pins {file} as {want.size} bytes, sha256 {want.sha256[:16]}, but the "
+                    f"store's entry, which matches its own manifest, holds {have}: either the lock was edited or the "
+                    f"entry was forged. `doit quantize:{name}` builds it again and tells which; nothing was removed")
+
+
+def _not_released(directory: Path) -> set[str]:
+    """What a release directory without phibuild's mark holds beyond a bundle of an older phibuild (SHA256SUMS
+    and the files it lists)."""
+    try:
+        listed = {line.partition("  ")[2] for line in reading.read_text(directory / "SHA256SUMS",
+                                                                         "release sums").splitlines()}
+    except (OSError, reading.Unreadable):
+        return files_under(directory)
+    return files_under(directory) - listed - {"SHA256SUMS"}

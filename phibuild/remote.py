@@ -4,7 +4,10 @@ Layout under the remote's root::
 
     blobs/ab/<xxh3-128>      file contents, by digest: immutable, so concurrent uploads cannot clash
     keys/ab/<key>.json       the manifest of one store entry: its files' sizes and digests
+    keys/ab/<key>.sig        its signature, where the writer signs (signing.py), written before the manifest
 
+Whom to trust is one policy (``Remote._vouched``): with ``trusted_keys``, a signed manifest; without, the lock's pin,
+or for an artifact nothing, and then it is marked as vouched for by nobody until ``doit reproduce`` rebuilds it.
 A key is published by writing its manifest last, in one atomic step (a rename on filesystems, one PUT on
 object stores), after every blob it names: no reader ever sees half an entry. Nothing pulled is trusted:
 the manifest is validated as a record (names, digests, key), its files must be the ones ``artifacts.lock``
@@ -22,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import threading
@@ -34,10 +36,11 @@ from typing import Any, TypeVar
 
 import xxhash
 
-from . import validate
+from . import reading, validate
 from .errors import DamageError
 from .hashing import CHUNK, FileDigest
 from .records import Manifest
+from .signing import PublicKey, SecretKey, signer
 from .store import Entry, Store
 
 log = logging.getLogger(__name__)
@@ -76,11 +79,15 @@ class Cancelled(Exception):
 
 class Remote(NoRemote):
     def __init__(self, url: str, options: dict[str, Any] | None = None, timeout: float = 10.0,
-                 transfer_timeout: float = 1800.0):
-        self.url = url
+                 transfer_timeout: float = 1800.0, trusted: list[PublicKey] | None = None,
+                 signer: SecretKey | None = None):
+        self.address = url  # what fsspec connects to; ``url`` is what is shown and recorded
+        self.url = shown(url)
         self.options = dict(options or {})
         self.timeout = timeout
         self.transfer_timeout = transfer_timeout
+        self.trusted = list(trusted or [])  # with keys listed, only entries signed by one of them are pulled
+        self.signer = signer  # this machine's key, signing what it pushes
         self._fs = None
         self._root = ""
         self._checked = False
@@ -101,7 +108,7 @@ class Remote(NoRemote):
     def _connect(self, deadline: float) -> None:
         import fsspec
 
-        fs, root = fsspec.core.url_to_fs(self.url, **_bounded_options(self.url, self.options, self.timeout))
+        fs, root = fsspec.core.url_to_fs(self.address, **_bounded_options(self.address, self.options, self.timeout))
         with contextlib.suppress(FileNotFoundError):  # an empty remote answers too
             fs.cat_file(f"{root.rstrip('/')}/{PROBE}")
         self._fs, self._root = fs, root.rstrip("/")
@@ -151,16 +158,40 @@ class Remote(NoRemote):
             return None
         if expected is not None and manifest.files != expected:
             raise DamageError(f"its manifest lists other files than artifacts.lock pins for key {key}")
+        trusted_by = self._vouched(key, manifest, expected)
         with store.building() as build_dir:
             artifact = build_dir / "artifact"
             artifact.mkdir()
             for name, want in sorted(manifest.files.items()):
                 path = validate.inside(artifact, name)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                got = self._download(self._blob_path(want.xxh3_128), path, deadline)
+                got = self._download(self._blob_path(want.xxh3_128), path, want.size, deadline)
                 if got != want:
                     raise DamageError(f"{name} does not match the digests in its manifest")
-            return store.publish(build_dir, manifest.pulled(self.url))
+            return store.publish(build_dir, manifest.pulled(self.url, trusted_by))
+
+    def _vouched(self, key: str, manifest: Manifest, expected: dict[str, FileDigest] | None) -> str | None:
+        """Why the entry may be pulled (None: it may, but only marked as vouched for by nobody), or DamageError
+        when it may not. The provenance policy: with ``trusted_keys`` listed, only a manifest signed by one of them;
+        without, one the lock pins, or an artifact, marked (release and publish refuse it until ``doit reproduce``
+        rebuilds it here); never an unpinned, unsigned intermediate, reference or measurement, whose bytes no
+        later check would catch."""
+        if self.trusted:
+            try:
+                record = self._small(self._signature_path(key), "key")
+            except FileNotFoundError:
+                record = b""
+            name = signer(self.trusted, manifest.to_dict(), record)
+            if name is None:
+                raise DamageError("it is not signed by a key in trusted_keys")
+            return f"signed by {name}"
+        if expected is not None:
+            return "pinned by artifacts.lock"
+        if not manifest.is_artifact:
+            raise DamageError(f"{manifest.label} is not pinned by artifacts.lock and not signed; an intermediate, "
+                              "a fidelity reference or a measurement is pulled only when pinned or signed by a "
+                              "trusted key")
+        return None
 
     def push(self, entry: Entry) -> None:
         """Upload ``entry``'s blobs, then its manifest. A failure is a warning: the build stays good."""
@@ -174,17 +205,44 @@ class Remote(NoRemote):
             blob = self._blob_path(want.xxh3_128)
             if not self._fs.exists(blob):
                 self._put(entry.artifact / name, blob, deadline)
+        if self.signer is not None:  # before the manifest, which publishes the entry
+            self._put(self.signer.sign(entry.manifest.to_dict()), self._signature_path(entry.key), deadline)
         manifest = entry.directory / "manifest.json"
         self._put(manifest, self._manifest_path(entry.key), deadline)
+
+    def _small(self, path: str, kind: str) -> bytes:
+        """A manifest or signature, read to at most its kind's limit (``reading.LIMITS``): a remote that answers
+        with gigabytes is damage, not a memory problem."""
+        limit = reading.LIMITS[kind]
+        with self._open(path, 0) as source:
+            data = reading.read_at_most(source, limit + 1)
+        if len(data) > limit:
+            raise DamageError(f"{path} is larger than a {kind} can be")
+        return data
+
+    def _open(self, path: str, block_size: int):
+        """``path`` on the remote, open for reading. A plain GET over HTTP (servers need not do ranges); on a local
+        directory, only a regular file (``reading.open_regular``): a FIFO planted there cannot hang a pull."""
+        protocol = _protocol(self._fs)
+        if protocol in ("file", "local"):
+            try:
+                return os.fdopen(reading.open_regular(path), "rb")
+            except OSError as exc:
+                if isinstance(exc, FileNotFoundError):
+                    raise
+                raise DamageError(f"{path} is not a regular file") from None
+        if protocol in ("http", "https"):
+            return self._fs.open(path, "rb", block_size=0)
+        return self._fs.open(path, "rb", block_size=block_size or CHUNK)
 
     def _manifest(self, key: str) -> Manifest | None:
         path = self._manifest_path(key)
         try:
-            data = json.loads(self._fs.cat_file(path))
+            data = reading.json_data(self._small(path, "manifest"), "its manifest")
         except FileNotFoundError:
             return None
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise DamageError(f"its manifest is not JSON ({exc})") from None
+        except reading.Unreadable as exc:
+            raise DamageError(str(exc)) from None
         try:
             manifest = Manifest.from_dict(data, "its manifest")
         except validate.Invalid as exc:
@@ -193,31 +251,41 @@ class Remote(NoRemote):
             raise DamageError(f"its manifest describes key {manifest.key}")
         return manifest
 
-    def _download(self, blob: str, path: Path, deadline: float) -> FileDigest:
-        """Copy one blob to ``path`` a chunk at a time, hashing it on the way, and stopping at ``deadline``."""
+    def _download(self, blob: str, path: Path, announced: int, deadline: float) -> FileDigest:
+        """Copy one blob to ``path`` a chunk at a time, hashing it on the way, stopping at ``deadline``, and
+        stopping as soon as it runs past the size its manifest ``announced``."""
         xxh, sha, size = xxhash.xxh3_128(), hashlib.sha256(), 0
-        streaming = _protocol(self._fs) in ("http", "https")  # a plain GET; servers need not do ranges
-        with self._fs.open(blob, "rb", block_size=0 if streaming else CHUNK) as source, open(path, "xb") as target:
-            while chunk := source.read(CHUNK):
+        with self._open(blob, CHUNK) as source, open(path, "xb") as target:
+            while chunk := source.read(min(CHUNK, announced - size + 1)):
                 if time.monotonic() > deadline:
                     raise Cancelled
+                if size + len(chunk) > announced:
+                    raise DamageError(f"blob {blob.rsplit('/', 1)[-1]} runs past the {announced} bytes its manifest "
+                                      "announces; stopped there")
                 target.write(chunk)
                 xxh.update(chunk)
                 sha.update(chunk)
                 size += len(chunk)
         return FileDigest(size, xxh.hexdigest(), sha.hexdigest())
 
-    def _put(self, local: Path, remote: str, deadline: float) -> None:
-        """Upload so that ``remote`` appears whole or not at all."""
+    def _put(self, local: Path | bytes, remote: str, deadline: float) -> None:
+        """Upload a file (or bytes) so that ``remote`` appears whole or not at all."""
         if time.monotonic() > deadline:
             raise Cancelled
         self._fs.makedirs(os.path.dirname(remote), exist_ok=True)
+
+        def upload(path: str) -> None:
+            if isinstance(local, bytes):
+                self._fs.pipe_file(path, local)
+            else:
+                self._fs.put_file(str(local), path)
+
         if _protocol(self._fs) in OBJECT_STORES:
-            self._fs.put_file(str(local), remote)
+            upload(remote)
             return
         partial = f"{remote}.partial-{uuid.uuid4().hex}"
         try:
-            self._fs.put_file(str(local), partial)
+            upload(partial)
             self._fs.mv(partial, remote)
         except BaseException:
             with contextlib.suppress(Exception):
@@ -230,6 +298,23 @@ class Remote(NoRemote):
 
     def _manifest_path(self, key: str) -> str:
         return f"{self._root}/keys/{key[:2]}/{validate.key(key, 'a cache key')}.json"
+
+    def _signature_path(self, key: str) -> str:
+        return f"{self._root}/keys/{key[:2]}/{validate.key(key, 'a cache key')}.sig"
+
+
+def shown(url: str) -> str:
+    """``url`` without what must not be printed or written into a lock: a user name and password, a query string
+    (a signed URL's token), a fragment."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if "://" not in url:
+        return url
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    netloc = host + (f":{parts.port}" if parts.port else "") if parts.hostname is not None else parts.netloc
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def _bounded_options(url: str, options: dict[str, Any], timeout: float) -> dict[str, Any]:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 from .backends import PRECISIONS
 from .errors import ConfigError
-from .fidelity import gate
+from .fidelity import checked, gate
 from .project import Project
 from .records import Fidelity, LockEntry
-from .store import staged
+from .store import files_under, staged
 
 PAGE = "REPORT.md"
 DRIFT_PLOT = "kl-by-position.png"
@@ -46,6 +46,8 @@ class Row:
 
     @classmethod
     def of(cls, project: Project, name: str, entry: LockEntry) -> Row:
+        if entry.fidelity:
+            checked(project, name, entry.fidelity)
         failed = gate(project, project.target(name), entry.fidelity) if entry.fidelity else None
         return cls(name, entry.model, entry.parts.backend, entry.parts.precision,
                    sum(file.size for file in entry.files.values()), entry.fidelity, failed)
@@ -77,9 +79,18 @@ def _index(order: tuple[str, ...], item: str) -> int:
 def write(project: Project, directory: Path) -> list[Row]:
     """The project's report in ``directory``, replaced as a whole."""
     found = rows(project)
-    with staged(directory) as staging:
+    with staged(directory, _not_reported) as staging:
         render(project, found, staging)
     return found
+
+
+def _not_reported(directory: Path) -> set[str]:
+    """What a report directory without phibuild's mark holds beyond a report of an older phibuild (REPORT.md and
+    its plots)."""
+    files = files_under(directory)
+    if PAGE not in files:
+        return files
+    return {name for name in files if name != PAGE and not (name.endswith(".png") and "/" not in name)}
 
 
 def render(project: Project, found: list[Row], directory: Path) -> None:

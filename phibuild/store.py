@@ -28,12 +28,12 @@ import os
 import secrets
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import validate
-from .errors import DamageError
+from . import reading, validate
+from .errors import BuildError, ConfigError, DamageError, LockError
 from .hashing import FileDigest, StatCache, hash_file
 from .records import Manifest, differing_files
 
@@ -41,6 +41,20 @@ log = logging.getLogger(__name__)
 
 FICLONE = 0x40049409  # linux/fs.h: share extents with another file (btrfs, xfs, ...)
 STAGING = ".phibuild-"  # in the names of half-made trees and files beside their final place
+STORE_MARK = ".phibuild-store"  # in a store's root: the directory is phibuild's to write and remove in
+# What a store made by an older phibuild holds, and nothing else: such a directory is taken as a store.
+STORE_NAMES = {"objects", "tmp", "locks", "toolchains.json", "statcache.sqlite", "statcache.sqlite-wal",
+               "statcache.sqlite-shm", "statcache.sqlite-journal", "matplotlib", STORE_MARK}
+
+
+class PinMismatch(LockError):
+    """The lock pins other files for a key than the store's entry holds, and that entry matches its own manifest:
+    either the lock was edited or the entry was forged, which only building it again can tell (``build.obtain``).
+    The entry is kept."""
+
+    def __init__(self, message: str, entry: Entry):
+        super().__init__(message)
+        self.entry = entry
 
 
 @dataclass(frozen=True)
@@ -69,7 +83,9 @@ class Store:
         self.objects = root / "objects"
         self.tmp = root / "tmp"
         self.locks = root / "locks"
+        _claim(root)
         self.statcache = StatCache(root / "statcache.sqlite")
+        _mark(root)
 
     def path(self, key: str) -> Path:
         key = validate.key(key, "a cache key")
@@ -83,11 +99,11 @@ class Store:
         directory = self.path(key)
         manifest_path = directory / "manifest.json"
         try:
-            data = json.loads(manifest_path.read_text())
+            data = reading.json_data(reading.read_bytes(manifest_path, "manifest"), str(manifest_path))
         except FileNotFoundError:
             return None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DamageError(f"{manifest_path} is not valid JSON ({exc})") from None
+        except reading.Unreadable as exc:
+            raise DamageError(str(exc)) from None
         try:
             manifest = Manifest.from_dict(data, str(manifest_path))
         except validate.Invalid as exc:
@@ -100,17 +116,18 @@ class Store:
         """The entry under ``key`` if its manifest lists exactly the files ``expected`` (the lock's pin, when the
         lock pins this key) and every file has the content its manifest records. Every byte is read: a store
         file can rot without its size or time changing. A damaged entry is reported and removed, and None
-        returned."""
+        returned. An intact entry whose files are not the ones the lock pins is not damage but a lock that was
+        edited (or comes from a build that differs): PinMismatch, and the entry is kept."""
         try:
             entry = self.get(key)
             if entry is None:
                 return None
-            if expected is not None and entry.files != expected:
-                raise DamageError("its files are not the ones artifacts.lock pins for this key: "
-                                  + ", ".join(differing_files(entry.files, expected)))
             damaged = self.damaged_files(entry, read=True)
             if damaged:
                 raise DamageError(f"files differ from its manifest: {', '.join(damaged)}")
+            if expected is not None and entry.files != expected:
+                raise PinMismatch(f"artifacts.lock pins other files for key {key} than the store holds "
+                                  f"({described(entry.files, expected)})", entry)
         except DamageError as exc:
             log.warning("store entry %s is damaged (%s); building it again", key, exc)
             self.remove(key)
@@ -137,18 +154,31 @@ class Store:
                 damaged.append(name)
         return sorted(set(damaged))
 
-    def entries(self) -> tuple[list[Entry], list[Path]]:
-        """Every published entry, by key, and the directories whose manifest is damaged."""
-        found, damaged = [], []
-        for path in sorted(self.objects.glob("*/*")):
-            try:
-                entry = self.get(path.name)
-            except (DamageError, validate.Invalid):
-                damaged.append(path)
+    def entries(self) -> tuple[list[Entry], list[Path], list[Path]]:
+        """Every published entry, by key; the entry directories whose manifest is damaged; and what lies in
+        ``objects/`` that is not an entry's place (a symlink, a file, a stranger's name): never phibuild's to
+        remove."""
+        found, damaged, strays = [], [], []
+        if not self.objects.is_dir():
+            return found, damaged, strays
+        for fan in sorted(self.objects.iterdir()):
+            if not _real_dir(fan) or not validate.HEX[2].match(fan.name):
+                strays.append(fan)
                 continue
-            if entry is not None:
-                found.append(entry)
-        return found, damaged
+            for path in sorted(fan.iterdir()):
+                if not _real_dir(path) or not validate.HEX[32].match(path.name) or path.name[:2] != fan.name:
+                    strays.append(path)
+                    continue
+                try:
+                    entry = self.get(path.name)
+                except DamageError:
+                    damaged.append(path)
+                    continue
+                if entry is not None:
+                    found.append(entry)
+                else:
+                    damaged.append(path)  # an entry's place without a manifest: a publish that never happened
+        return found, damaged, strays
 
     # -- writing -----------------------------------------------------------------------------------
 
@@ -182,9 +212,11 @@ class Store:
             yield directory
 
     def _remove_dead_builds(self) -> None:
+        if not self.below(self.tmp):
+            raise DamageError(f"{self.tmp} lies behind a symlink; phibuild removes nothing outside its store")
         for stale in self.tmp.iterdir():
             pid = stale.name.split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not _alive(int(pid)) and _real_dir(stale):
                 shutil.rmtree(stale, ignore_errors=True)  # another process may be removing it too
 
     def publish(self, build_dir: Path, manifest: Manifest) -> Entry:
@@ -194,13 +226,21 @@ class Store:
         checked against the same expectation. The manifest's digests are those of files the caller has just
         hashed: they are recorded, so that later stat checks need not read the files again.
         """
-        (build_dir / "manifest.json").write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
+        data = manifest.to_dict()
+        try:  # written only as it will be read back
+            Manifest.from_dict(data, f"the manifest of {manifest.label}")
+        except validate.Invalid as exc:
+            raise BuildError(f"{manifest.label}: its manifest would not be readable, so it is not stored: {exc}") \
+                from None
+        (build_dir / "manifest.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         for path in sorted(build_dir.rglob("*")):
             if path.is_file():
                 _fsync(path)
                 path.chmod(0o444)
         final = self.path(manifest.key)
         final.parent.mkdir(parents=True, exist_ok=True)
+        if not self.below(final.parent):
+            raise DamageError(f"{final.parent} lies behind a symlink; phibuild writes nothing outside its store")
         try:
             os.rename(build_dir, final)
         except OSError as exc:
@@ -215,21 +255,43 @@ class Store:
         return entry
 
     def remove(self, key: str) -> None:
-        _remove_tree(self.path(key))
-        self.statcache.forget(self.path(key))
+        self.remove_tree(self.path(key))
+
+    def remove_tree(self, path: Path) -> None:
+        """Remove an entry's directory (or a dead build's), proven to lie in this store: no symlink between the
+        store's root and it. Anything else is refused, never followed."""
+        if not (path.exists() or path.is_symlink()):
+            return
+        if not self.below(path) or not _real_dir(path):
+            raise DamageError(f"{path} is not a directory of the store (it lies behind a symlink or is one); "
+                              "phibuild removes nothing it did not make: look at it and remove it by hand")
+        _remove_tree(path)
+        self.statcache.forget(path)
+
+    def below(self, path: Path) -> bool:
+        """Whether ``path`` lies under the store's root with no symlink on the way: its real path is the
+        store's real root joined with its relative path."""
+        relative = os.path.relpath(os.path.abspath(path), os.path.abspath(self.root))
+        if relative == os.pardir or relative.startswith(os.pardir + os.sep):
+            return False
+        return os.path.realpath(path) == os.path.normpath(os.path.join(os.path.realpath(self.root), relative))
 
     # -- showing -----------------------------------------------------------------------------------
 
-    def show(self, entry: Entry, visible: Path, unlinkable: tuple[str, ...] = ()) -> dict[str, str]:
+    def show(self, entry: Entry, visible: Path, unlinkable: tuple[str, ...] = (),
+             shown_before: frozenset[str] = frozenset()) -> dict[str, str]:
         """Make ``visible`` show exactly the entry's files; returns how each was placed ("reflink",
         "hardlink", "copy").
 
         Files matching an ``unlinkable`` glob are reflinked or copied, never hardlinked (a reader may refuse
         a file with several links). The new tree is assembled beside the old one and swapped in by rename;
-        the digests of copies are recorded, so checking them later reads nothing.
+        the digests of copies are recorded, so checking them later reads nothing. An old tree without
+        phibuild's mark is replaced only if it holds nothing but the entry's files or ``shown_before`` (the
+        files of the entry the lock pinned before).
         """
         methods = {}
-        with staged(visible) as staging:
+        known = set(entry.files) | shown_before
+        with staged(visible, lambda old: files_under(old) - known) as staging:
             for name in sorted(entry.files):
                 target = validate.inside(staging, name)
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -277,10 +339,17 @@ def staging_name(final: Path) -> Path:
 
 
 @contextlib.contextmanager
-def staged(final: Path) -> Iterator[Path]:
+def staged(final: Path, foreign: Callable[[Path], set[str]] = lambda path: files_under(path)) -> Iterator[Path]:
     """A staging directory beside ``final``, swapped in by rename when the block ends and removed if it
     fails. A reader sees the old tree, the new one or, for the instant between two renames, none; never a
-    mix. A kill leaves a hidden staging directory that the next run's ``sweep`` removes."""
+    mix. A kill leaves a hidden staging directory that the next run's ``sweep`` removes.
+
+    Only a directory phibuild made is replaced: one in which ``foreign`` finds nothing phibuild would not have put
+    there (the files of the artifact it shows; a release's SHA256SUMS and the files it lists). Anything else (a file,
+    a symlink, a directory holding a file, link or empty directory of someone else's) is refused before anything is
+    written."""
+    if final.exists() or final.is_symlink():
+        _check_made(final, foreign)
     final.parent.mkdir(parents=True, exist_ok=True)
     sweep(final.parent)
     with removed_on_failure(staging_name(final)) as staging:
@@ -293,6 +362,88 @@ def staged(final: Path) -> Iterator[Path]:
             _remove_tree(old)
         else:
             os.rename(staging, final)
+
+
+def remove_made(directory: Path, foreign: Callable[[Path], set[str]] = lambda path: files_under(path)) -> None:
+    """Remove a directory phibuild made (see ``staged``), and refuse anything else."""
+    _check_made(directory, foreign)
+    _remove_tree(directory)
+
+
+def _check_made(final: Path, foreign: Callable[[Path], set[str]]) -> None:
+    """Refuse to replace ``final`` unless phibuild made it (see ``staged``)."""
+    if final.is_symlink() or not final.is_dir():
+        kind = "a symlink" if final.is_symlink() else "a file"
+        raise ConfigError(f"{final} is {kind}, not a directory phibuild made; it replaces only its own "
+                          "directories: choose another place for it in [tool.phibuild]")
+    names = sorted(foreign(final))
+    if not names:
+        return
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    raise ConfigError(f"{final} was not made by phibuild (it holds {shown}); phibuild replaces only directories it "
+                      "made: move it away, or choose another place for it in [tool.phibuild]")
+
+
+def files_under(directory: Path) -> set[str]:
+    """Everything under ``directory`` that is not a directory with something in it, by relative path: files,
+    symlinks (to directories too, never followed) and empty directories (as ``name/``). What ``staged`` compares
+    with what phibuild would have put there."""
+    found = set()
+    for root, dirs, names in os.walk(directory):
+        base = Path(root).relative_to(directory)
+        for name in dirs:
+            path = Path(root) / name
+            if path.is_symlink():
+                found.add((base / name).as_posix())
+            elif not any(path.iterdir()):
+                found.add((base / name).as_posix() + "/")
+        found.update((base / name).as_posix() for name in names)
+    return found
+
+
+def _claim(root: Path) -> None:
+    """Refuse a store setting that names a directory phibuild did not make: a store's tmp/ and objects/ are
+    removed in, so only a new or empty directory, one with the store's mark, or one holding nothing but what a
+    store holds is taken."""
+    if root.is_symlink() and not root.exists():
+        raise ConfigError(f"the store {root} is a symlink to nothing")
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise ConfigError(f"the store {root} is a file, not a directory: set store to a directory of its own")
+    names = {name for name in os.listdir(root) if not (name.startswith(".") and STAGING in name)}
+    if not names or STORE_MARK in names or (names <= STORE_NAMES and "statcache.sqlite" in names):
+        return  # new, marked, or made by an older phibuild (every store has its stat cache from the start)
+    shown = ", ".join(sorted(names - STORE_NAMES)[:4])
+    raise ConfigError(f"the store {root} is a directory phibuild did not make (it holds {shown}); phibuild removes "
+                      "entries and dead builds inside its store: set store to a new directory")
+
+
+def _mark(root: Path) -> None:
+    """Put the store's mark in its root (best effort: a read-only store is only read)."""
+    with contextlib.suppress(OSError):
+        if not (root / STORE_MARK).exists():
+            (root / STORE_MARK).write_text("a phibuild store: phibuild writes and removes entries below this\n")
+
+
+def _real_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def described(got: dict[str, FileDigest], pinned: dict[str, FileDigest]) -> str:
+    """How a store entry's files differ from a pin, file by file: "model.onnx: 120 bytes, locked 121"."""
+    said = []
+    for name in differing_files(got, pinned):
+        have, want = got.get(name), pinned.get(name)
+        if have is None or want is None:
+            said.append(f"{name}: {'only the lock' if have is None else 'only the store'} has it")
+        elif have.size != want.size:
+            said.append(f"{name}: {have.size} bytes, locked {want.size}")
+        elif have.sha256 != want.sha256:
+            said.append(f"{name}: sha256 {have.sha256[:12]}, locked {want.sha256[:12]}")
+        else:
+            said.append(f"{name}: xxh3_128 {have.xxh3_128[:12]}, locked {want.xxh3_128[:12]}")
+    return "; ".join(said)
 
 
 def write_file(path: Path, text: str) -> None:

@@ -26,20 +26,22 @@ import contextlib
 import functools
 import logging
 import os
-import shutil
+import shlex
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from doit import task_params
 from doit.exceptions import InvalidTask, TaskFailed
 
-from . import assemble, build, fidelity, gc, publish, release, report, status, verify
+from . import assemble, build, doit_config, fidelity, gc, publish, release, report, status, verify
 from .backends import platform_tag
 from .environment import constraints
 from .errors import PhibuildError, file_system_error
 from .lockfile import Lockfile
 from .project import LeftOut, Project, Target, frozen, left_out_summary
-from .store import sweep, write_file
+from .records import Smoke
+from .store import files_under, remove_made, sweep, write_file
 
 log = logging.getLogger("phibuild")
 CONSTRAINTS = "constraints.txt"
@@ -73,6 +75,8 @@ def project(root: Path | None = None) -> Project:
     if key not in _projects:
         _console()
         proj = Project.load(root)
+        # matplotlib (the report's plots) keeps its cache and settings in the store, not in the home directory
+        os.environ.setdefault("MPLCONFIGDIR", str(proj.store.root / "matplotlib"))
         sweep(proj.root / proj.config.build)
         sweep(proj.lock.path.parent)
         _projects[key] = proj
@@ -136,8 +140,9 @@ def _clean(root: str, name: str) -> None:
     """Remove the visible artifact; the store keeps it, so the next build restores it at once."""
     proj = project(Path(root))
     visible = proj.visible(proj.target(name).name)
-    if visible.exists():
-        shutil.rmtree(visible)
+    if visible.exists() or visible.is_symlink():
+        entry = proj.lock.get(name)
+        remove_made(visible, lambda old: files_under(old) - set(entry.files if entry else ()))
         log.info("removed %s (kept in the store)", proj.shown(visible))
 
 
@@ -174,11 +179,14 @@ def quantize_tasks(root: Path | None = None) -> Iterator[dict]:
         + (f"; left out: {left_out_summary(skipped)}" if skipped else ""),
     }
     root_text = str(proj.root)
+    with _settings_errors():
+        locked = proj.lock.read().artifacts
     for target in found:
+        entry = locked.get(target.name)
         yield {
             "basename": "quantize",
             "name": target.name,
-            "doc": _doc(target),
+            "doc": _doc(target) + (f"; {_provenance(entry.smoke)}" if entry and entry.smoke.pulled_from else ""),
             "actions": [(_build, [root_text, target.name])],
             "uptodate": [Fresh(proj.root, target.name)],
             "targets": [str(proj.visible(target.name))],
@@ -209,7 +217,8 @@ def _check_environment(proj: Project, found: list[Target]) -> None:
     if not differing:
         return
     found_text = "; ".join(f"{name}: {', '.join(sorted(changes))}" for name, changes in sorted(differing.items()))
-    fix = f"pip install {' '.join(sorted(wanted))}" if wanted else "install the Python version the lock names"
+    fix = f"pip install {' '.join(shlex.quote(pin) for pin in sorted(wanted))}" if wanted else (
+        "install the Python version the lock names")
     if (proj.root / CONSTRAINTS).is_file():
         fix += f" (or: pip install -c {CONSTRAINTS} -e '.[all]')"
     message = (f"the installed packages differ from those artifacts.lock was built with: {found_text}. Every target "
@@ -218,6 +227,13 @@ def _check_environment(proj: Project, found: list[Target]) -> None:
     if frozen():
         raise PhibuildError(message + "; PHIBUILD_FROZEN is set")
     log.warning("%s", message)
+
+
+def _provenance(smoke: Smoke) -> str:
+    """Where a pinned artifact came from, for ``doit list`` and ``doit info``."""
+    if smoke.unverified:
+        return f"pulled from {smoke.pulled_from}, UNVERIFIED (not shipped until `doit reproduce` rebuilds it here)"
+    return f"pulled from {smoke.pulled_from}, trusted: {smoke.trusted_by}"
 
 
 def _doc(target: Target) -> str:
@@ -307,16 +323,20 @@ def _not_built(command: str, names: list[str]) -> None:
                  len(names), shown)
 
 
-def task_reproduce() -> Iterator[dict]:
+LOCK_OPTION = {"name": "lock", "long": "lock", "type": str, "default": "",
+               "help": "compare with this lock file (another machine's) instead of the project's"}
+
+
+@task_params([LOCK_OPTION])  # `doit reproduce --lock F` as well as `doit reproduce:NAME --lock F`
+def task_reproduce(lock: str) -> Iterator[dict]:
     """Rebuild locked artifacts from scratch, bypassing every cache, and compare their bytes with a lock."""
     proj, found, _ = _loaded()
     with _settings_errors():
         locked = proj.lock.read().artifacts
-    params = [{"name": "lock", "long": "lock", "type": str, "default": "",
-               "help": "compare with this lock file (another machine's) instead of the project's"}]
     for target in found:
         yield {"name": target.name, "doc": f"rebuild {target.name} and compare it with artifacts.lock (or --lock)",
-               "actions": [(_reproduce, [str(proj.root), target.name])], "verbosity": 2, "params": params,
+               "actions": [(_reproduce, [str(proj.root), target.name])], "verbosity": 2,
+               "params": [{**LOCK_OPTION, "default": lock}],
                **({} if target.name in locked else {"uptodate": [False]})}
 
 
@@ -324,15 +344,19 @@ def task_reproduce() -> Iterator[dict]:
 def _reproduce(root: str, name: str, lock: str) -> TaskFailed | None:
     proj = project(Path(root))
     against = Lockfile(proj.root / lock) if lock else proj.lock
+    if lock and not against.path.is_file():
+        return TaskFailed(f"phibuild: --lock {lock}: no such lock file")
     entry = against.get(name)
-    if lock and entry is None:
-        log.info("%s: not in %s; nothing to compare", name, lock)
-        return None
+    if entry is None:
+        return TaskFailed(f"phibuild: {name} is not in {lock or 'artifacts.lock'}: there is nothing to compare it "
+                          "with" + ("" if lock else f"; `doit quantize:{name}` builds and pins it"))
     problems = verify.reproduce(proj, proj.target(name), entry)
     if problems:
         log.info("%s: NOT reproducible: %s", name, "; ".join(problems))
         return TaskFailed(f"phibuild: {name} is not bit-reproducible")
     log.info("%s: reproducible (every file identical to %s)", name, lock or "artifacts.lock")
+    if not lock and entry.smoke.unverified:
+        verify.vouch(proj, proj.target(name), entry)
     return None
 
 
@@ -355,7 +379,9 @@ def _release(root: str) -> None:
 def task_publish() -> dict:
     """Push the released artifacts to Hugging Face repositories, one commit each (skipped when already there)."""
     proj, _, _ = _loaded()
-    return {"actions": [(_publish, [str(proj.root)])], "task_dep": ["release"], "verbosity": 2}
+    # without its settings it says so at once, rather than after a release it cannot use
+    return {"actions": [(_publish, [str(proj.root)])], "task_dep": ["release"] if proj.config.publish else [],
+            "verbosity": 2}
 
 
 @_action
@@ -399,7 +425,10 @@ def task_assemble() -> dict:
 @_action
 def _assemble(root: str, slices: str) -> TaskFailed | None:
     proj = project(Path(root))
-    paths = sorted(proj.root.glob(slices))
+    try:
+        paths = sorted(proj.root.glob(slices))
+    except (ValueError, NotImplementedError) as exc:  # an empty or absolute pattern
+        return TaskFailed(f"phibuild: --slices {slices!r} is not a glob relative to the project: {exc}")
     if not paths:
         return TaskFailed(f"phibuild: no slice lock files match {slices!r} in {proj.root}")
     taken = assemble.assemble(proj, paths)
@@ -443,11 +472,18 @@ def run(root: Path, *args: str) -> int:
     from doit.doit_cmd import DoitMain
 
     forget_projects()
+    if "" in args:  # doit's own parser fails on one (see doit_config.py)
+        sys.stderr.write("ERROR: an empty argument on the command line; give an option its value as --name=VALUE\n")
+        return 3
     with contextlib.chdir(root):
         namespace = {name: value for name, value in globals().items() if name.startswith("task_")}
         namespace["DOIT_CONFIG"] = dodo_config(root)
         # doit's reporter defaults to the sys.stdout of its import; give it the current one.
-        main = DoitMain(ModuleTaskLoader(namespace), extra_config={"run": {"outfile": sys.stdout}})
+        try:
+            main = DoitMain(ModuleTaskLoader(namespace), extra_config={"run": {"outfile": sys.stdout}})
+        except Exception as exc:  # doit reads pyproject.toml's [tool.doit] here, before anything of ours runs
+            sys.stderr.write(f"ERROR: {root / 'pyproject.toml'} {doit_config.said(type(exc), exc)}\n")
+            return 3
         return main.run(list(args)) or 0  # as the process exit status: `doit clean` returns None
 
 

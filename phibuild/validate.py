@@ -19,7 +19,9 @@ from typing import Any
 Check = Callable[[Any, str], Any]  # (value, where it was found) -> the accepted value, or raises Invalid
 
 NAME = re.compile(r"[a-z0-9][a-z0-9._-]*\Z")
-HEX = {n: re.compile(rf"[0-9a-f]{{{n}}}\Z") for n in (16, 32, 40, 64)}
+LICENSE = re.compile(r"[a-z0-9][a-z0-9.+-]{0,63}\Z")
+DISTRIBUTION = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,198}[A-Za-z0-9])?\Z")  # PEP 508
+HEX = {n: re.compile(rf"[0-9a-f]{{{n}}}\Z") for n in (2, 16, 32, 40, 64)}
 MAX_TEXT = 2000  # a smoke result or an origin; anything longer is not one
 MAX_LIST = 64  # a per-position curve; anything longer is not one
 
@@ -57,6 +59,26 @@ def text(value: Any, where: str) -> str:
     return value
 
 
+def pattern(regex: re.Pattern, value: Any, where: str) -> str:
+    """A string the whole of which ``regex`` matches."""
+    if not isinstance(value, str) or not regex.match(value):
+        raise Invalid(f"{where}: {_short(value)} is not of the form {regex.pattern.removesuffix(chr(92) + 'Z')}")
+    return value
+
+
+def license_id(value: Any, where: str) -> str:
+    """A license as model cards name it: an SPDX-like identifier (``mit``, ``apache-2.0``, ``llama3.1``)."""
+    return pattern(LICENSE, value, where)
+
+
+def clean_license(value: Any) -> str | None:
+    """What a model card's ``license`` says, if it is an identifier phibuild can pass on; None otherwise (free
+    text, escape codes and tabs from a README never reach the lock or a card)."""
+    if isinstance(value, str) and LICENSE.match(value.strip().strip("'\"").lower()):
+        return value.strip().strip("'\"").lower()
+    return None
+
+
 def boolean(value: Any, where: str) -> bool:
     if not isinstance(value, bool):
         raise Invalid(f"{where} must be true or false, not {_kind(value)}")
@@ -81,6 +103,27 @@ def number(value: Any, where: str) -> float:
     """A finite number, zero or more (a measured figure)."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
         raise Invalid(f"{where} must be a finite number of zero or more, not {value!r}")
+    return float(value)
+
+
+def share(value: Any, where: str) -> float:
+    """A share of something, from 0 to 1 (an agreement rate)."""
+    if number(value, where) > 1:
+        raise Invalid(f"{where} must be a share from 0 to 1, not {value!r}")
+    return float(value)
+
+
+def positive(value: Any, where: str) -> float:
+    """A finite number above zero (a speed)."""
+    if number(value, where) <= 0:
+        raise Invalid(f"{where} must be a finite number above zero, not {value!r}")
+    return float(value)
+
+
+def perplexity(value: Any, where: str) -> float:
+    """A perplexity: a finite number of at least 1 (the exponential of a mean negative log-probability)."""
+    if number(value, where) < 1:
+        raise Invalid(f"{where} must be a perplexity, a finite number of at least 1, not {value!r}")
     return float(value)
 
 
@@ -141,7 +184,36 @@ def text_list(value: Any, where: str) -> list[str]:
 
 
 def name_list(value: Any, where: str) -> list[str]:
-    return [name(item, f"{where}[{i}]") for i, item in enumerate(text_list(value, where))]
+    """Names, each once: a list of names is a set in order, and a name given twice is a slip."""
+    names = [name(item, f"{where}[{i}]") for i, item in enumerate(text_list(value, where))]
+    twice = sorted({item for item in names if names.count(item) > 1})
+    if twice:
+        raise Invalid(f"{where} names {', '.join(twice)} more than once")
+    return names
+
+
+def distribution(value: Any, where: str) -> str:
+    """A Python distribution's name as PEP 503 spells it (what a lock's toolchain lists, what pip installs)."""
+    from packaging.utils import canonicalize_name
+
+    if not isinstance(value, str) or not DISTRIBUTION.match(value):
+        raise Invalid(f"{where}: {_short(value)} is not a Python distribution name")
+    if canonicalize_name(value) != value:
+        raise Invalid(f"{where}: {value!r} is not spelled as PEP 503 does ({canonicalize_name(value)!r})")
+    return value
+
+
+def version(value: Any, where: str) -> str:
+    """An exact version as PEP 440 writes it (``2.14.1``, ``0.3.36``, ``2026.4.0.dev1``, ``2.14.1+cpu``)."""
+    from packaging.version import InvalidVersion, Version
+
+    if not isinstance(value, str) or len(value) > 100:
+        raise Invalid(f"{where} must be a version string, not {_short(value)}")
+    try:
+        Version(value)
+    except InvalidVersion:
+        raise Invalid(f"{where}: {value!r} is not a PEP 440 version") from None
+    return value
 
 
 def table_of(check_key: Check, check_value: Check) -> Check:

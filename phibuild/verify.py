@@ -8,14 +8,14 @@ counted instead.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .build import rebuild
+from .build import checked_here, rebuild
 from .errors import DamageError
 from .hashing import FileDigest, hash_file
 from .project import Project, Target
-from .records import LockEntry
+from .records import LockEntry, Smoke, differing_files
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,10 @@ def reproduce(project: Project, target: Target, entry: LockEntry | None) -> list
         log.info("%s: the key here is %s, the lock's %s (%s); comparing the bytes all the same", target.name,
                  plan.key[:12], entry.key[:12], "; ".join(changes) or "same components")
     problems = []
-    rebuilt = rebuild(project, target)
+    rebuilt, intermediate = rebuild(project, target)
+    if entry.intermediate and intermediate != entry.intermediate.files:
+        problems.append(f"its intermediate: rebuilt, it is not what the lock pins ("
+                        f"{', '.join(differing_files(intermediate or {}, entry.intermediate.files))})")
     for name in sorted(set(rebuilt) | set(entry.files)):
         got, want = rebuilt.get(name), entry.files.get(name)
         if got is None:
@@ -112,3 +115,15 @@ def reproduce(project: Project, target: Target, entry: LockEntry | None) -> list
         elif got != want:
             problems.append(f"{name}: rebuilt {_describe(got)}, locked {_describe(want)}")
     return problems
+
+
+def vouch(project: Project, target: Target, entry: LockEntry) -> None:
+    """After ``reproduce`` rebuilt a pulled, unvouched artifact to the same bytes: run its smoke check here too,
+    and pin it as this machine's own (release and publish ship it from then on)."""
+    stored = project.store.find(entry.key, entry.files)
+    if stored is None:
+        return
+    result = checked_here(project, target, stored)
+    project.lock.put(target.name, replace(entry, smoke=Smoke(result)))
+    log.info("%s: pulled from %s, rebuilt here to the same bytes and smoke-checked here: vouched for in "
+             "artifacts.lock", target.name, entry.smoke.pulled_from)

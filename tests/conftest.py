@@ -253,3 +253,37 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
     with FakeHub() as server:
         use_endpoint(server.url, tmp_path / "hf", monkeypatch)
         yield server
+
+
+# -- a built world to break: tests/test_hostile.py, tests/test_safety.py ----------------------------------
+
+
+@pytest.fixture(scope="session")
+def origin(tmp_path_factory) -> Path:
+    """Built once: the model, a project with a remote directory beside it, the remote filled."""
+    top = tmp_path_factory.mktemp("world")
+    copy_model("phi3-tiny", top / "model")
+    root = world_project(top, "one")
+    run = run_doit(root)
+    assert run.code == 0, run.output
+    return top
+
+
+@pytest.fixture
+def world(origin: Path, tmp_path: Path) -> Path:
+    """A private copy of ``origin``: break it at will."""
+    shutil.copytree(origin, tmp_path / "world", symlinks=True)
+    for path in (tmp_path / "world").rglob("*"):  # store files are read-only; these are copies of our own
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o644)
+    return tmp_path / "world"
+
+
+def world_project(top: Path, name: str, model: Path | None = None, extra: str = "", remote: str = "../remote",
+                  backends: tuple[str, ...] = ("onnx", "gguf")) -> Path:
+    """A project in ``top/name`` building model "a" (by default ``top/model``, named by a relative path, so
+    that copies of ``top`` have the same lock) at int4."""
+    settings = (f"remote = {json.dumps(remote)}\nremote_timeout = 2\n" if remote else "") + extra
+    path = json.dumps(str(model) if model else "../model")
+    return write_project(top / name, ["a"], list(backends), ["int4"],
+                         extra=f"{settings}\n[tool.phibuild.model.a]\npath = {path}\n")

@@ -78,12 +78,12 @@ def test_an_interrupted_download_from_the_remote_leaves_no_half_entry(tmp_path, 
     real_download = Remote._download
     calls = []
 
-    def download_then_cut(self, blob, path, deadline):
+    def download_then_cut(self, blob, path, *args):
         calls.append(blob)
         if len(calls) == 2:
             Path(path).write_bytes(b"half a file")
             raise ConnectionAbortedError("the connection dropped")
-        return real_download(self, blob, path, deadline)
+        return real_download(self, blob, path, *args)
 
     monkeypatch.setattr(Remote, "_download", download_then_cut)
     two = write_project(tmp_path / "two", ["a"], ["onnx"], ["int4"], local={"a": model}, extra=settings)

@@ -19,7 +19,7 @@ from conftest import Run, run_doit, write_project
 
 from phibuild import fidelity, report
 from phibuild.backends import MODULES
-from phibuild.errors import ConfigError
+from phibuild.errors import ConfigError, LockError
 from phibuild.lockfile import Lockfile
 from phibuild.project import Project
 from phibuild.report import DRIFT_PLOT, PAGE
@@ -167,16 +167,12 @@ def test_the_report_draws_the_artifacts_whose_kl_grows_along_the_window(measured
     rounding noise and is not."""
     root, _ = measured
     project = Project.load(root)
-    lock, kept = project.lock, (root / "artifacts.lock").read_text()
     drifting, quiet = "phi3-tiny-int4-gguf", "phi3-tiny-fp32-gguf"
-    try:
-        for name, curve in ((drifting, [1e-4] * 8 + [5e-3] * 8), (quiet, [1e-8] * 8 + [1e-6] * 8)):
-            record = lock.get(name).fidelity
-            lock.put(name, replace(lock.get(name), fidelity=replace(record, kl_by_position=tuple(curve),
-                                                                     kl_early=curve[0], kl_late=curve[-1])))
-        found = report.write(project, tmp_path / "report")
-    finally:
-        (root / "artifacts.lock").write_text(kept)
+    curves = {drifting: [1e-4] * 8 + [5e-3] * 8, quiet: [1e-8] * 8 + [1e-6] * 8}
+    found = [replace(row, fidelity=replace(row.fidelity, kl_by_position=tuple(curves[row.name]),
+                                           kl_early=curves[row.name][0], kl_late=curves[row.name][-1]))
+             if row.name in curves else row for row in report.rows(project)]  # a lock edited so would be refused
+    report.render(project, found, tmp_path / "report")
     assert [row.name for row in found if row.drifts()] == [drifting]
     page = (tmp_path / "report" / PAGE).read_text()
     assert f"- {drifting}: first quarter 0.0001, last 0.005" in page and quiet not in page.split("## KL along")[1]
@@ -239,10 +235,30 @@ def test_a_record_of_an_older_recipe_is_stale(measured):
     root, _ = measured
     lock, name = Lockfile(root / "artifacts.lock"), "phi35-tiny-int4-openvino"
     current = lock.get(name).fidelity
-    lock.put(name, replace(lock.get(name), fidelity=replace(current, recipe="1", decode_tps=0.0, kl_by_position=())))
+    lock.put(name, replace(lock.get(name), fidelity=replace(current, recipe="1", kl_by_position=())))
     project = Project.load(root)
     assert fidelity.status(project, project.target(name)) == f"measured by an older recipe (1; phibuild's is " \
                                                             f"{fidelity.RECIPE})"
     run = run_doit(root, f"fidelity:{name}")
     assert run.code == 0 and "restored from the store" in run.output, run.output
     assert lock.get(name).fidelity == current
+
+
+@pytest.mark.parametrize(("field", "value"), [("kl", 1e-9), ("top1", 1.0), ("kl_by_position", (0.0,) * 16)])
+def test_a_figure_edited_in_the_lock_is_refused_where_the_measurement_is(measured, field, value):
+    """The lock's figures are checked against the measurement they name, as digests are against files: an edit that
+    would pass a gate the measurement fails, or print a better figure on a card, is an error."""
+    root, _ = measured
+    lock, name = Lockfile(root / "artifacts.lock"), "phi3-tiny-int4-gguf"
+    kept = (root / "artifacts.lock").read_text()
+    record = lock.get(name).fidelity
+    assert record.files and record.files.keys() == {fidelity.METRICS}  # pinned as an artifact's files are
+    try:
+        lock.put(name, replace(lock.get(name), fidelity=replace(record, **{field: value})))
+        project = Project.load(root)
+        with pytest.raises(LockError, match="disagrees with the measurement"):
+            fidelity.status(project, project.target(name))
+        run = run_doit(root, f"fidelity:{name}")
+        assert run.code != 0 and "the lock was edited" in run.output, run.output
+    finally:
+        (root / "artifacts.lock").write_text(kept)

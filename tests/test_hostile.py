@@ -3,8 +3,8 @@ lock, slice locks, the store, the remote, the disk. Each case gets one line of e
 locally), writes nothing outside the project's store, build, release and lock, and never ships, restores or
 re-pins a damaged or tampered entry.
 
-Most cases start from ``world``: a project that built phi3-tiny at int4 through ONNX and GGUF and pushed it to a
-remote directory beside it, copied afresh for each test so that each can break its own copy.
+Most cases start from ``world`` (conftest.py): a project that built phi3-tiny at int4 through ONNX and GGUF and
+pushed it to a remote directory beside it, copied afresh for each test so that each can break its own copy.
 """
 
 from __future__ import annotations
@@ -25,43 +25,13 @@ from pathlib import Path
 
 import pytest
 from conftest import closed_port, copy_model, doit_process, lock_of, run_doit, write_project
+from conftest import world_project as project
 
 from phibuild import tasks
 from phibuild.errors import file_system_error
 from phibuild.lockfile import Lockfile
 
 ONNX, GGUF = "a-int4-onnx", "a-int4-gguf"
-
-
-@pytest.fixture(scope="module")
-def origin(tmp_path_factory) -> Path:
-    """Built once: the model, a project with a remote directory beside it, the remote filled."""
-    top = tmp_path_factory.mktemp("world")
-    copy_model("phi3-tiny", top / "model")
-    root = project(top, "one")
-    run = run_doit(root)
-    assert run.code == 0, run.output
-    return top
-
-
-@pytest.fixture
-def world(origin: Path, tmp_path: Path) -> Path:
-    """A private copy of ``origin``: break it at will."""
-    shutil.copytree(origin, tmp_path / "world", symlinks=True)
-    for path in (tmp_path / "world").rglob("*"):  # store files are read-only; these are copies of our own
-        if path.is_file() and not path.is_symlink():
-            path.chmod(0o644)
-    return tmp_path / "world"
-
-
-def project(top: Path, name: str, model: Path | None = None, extra: str = "", remote: str = "../remote",
-            backends: tuple[str, ...] = ("onnx", "gguf")) -> Path:
-    """A project in ``top/name`` building model "a" (by default ``top/model``, named by a relative path, so
-    that copies of ``top`` have the same lock) at int4."""
-    settings = (f"remote = {json.dumps(remote)}\nremote_timeout = 2\n" if remote else "") + extra
-    path = json.dumps(str(model) if model else "../model")
-    return write_project(top / name, ["a"], list(backends), ["int4"],
-                         extra=f"{settings}\n[tool.phibuild.model.a]\npath = {path}\n")
 
 
 def remote_manifest(top: Path, key: str) -> Path:
@@ -173,19 +143,20 @@ def test_a_lock_edited_by_hand_is_never_re_pinned(world, digest, monkeypatch):
     (root / "pyproject.toml").write_text((root / "pyproject.toml").read_text().replace('remote = "../remote"\n', ""))
     info = run_doit(root, "info", f"quantize:{ONNX}")
     assert "the store entry's files are not the ones artifacts.lock pins: genai_config.json" in info.output
-    run = run_doit(root, f"quantize:{ONNX}")
+    run = run_doit(root, f"quantize:{ONNX}")  # built again, which tells that the lock is what is wrong
     assert run.code != 0, run.output
-    assert (f"{ONNX}: built again under the same key {entry.key}, but 1 files differ from artifacts.lock "
-            f"(genai_config.json") in run.output
-    assert "Nothing was re-pinned. To accept the new bytes: PHIBUILD_REPIN=1 doit quantize:" in run.output
+    assert (f"{ONNX}: artifacts.lock pins other files for key {entry.key} than the store holds (genai_config.json: "
+            f"{digest}") in run.output
+    assert "building it again gives the store's: the lock was edited" in run.output
     assert getattr(Lockfile(root / "artifacts.lock").get(ONNX).files["genai_config.json"], digest) == forged
+    assert (root / ".phibuild" / "objects" / entry.key[:2] / entry.key).is_dir()  # the intact entry is kept
     assert run_doit(root, "verify").code != 0
     no_traceback(run.output)
 
     monkeypatch.setenv("PHIBUILD_REPIN", "1")
     run = run_doit(root, f"quantize:{ONNX}")
     assert run.code == 0, run.output
-    assert f"{ONNX}: re-pinned under the unchanged key {entry.key} (PHIBUILD_REPIN): genai_config.json" in run.output
+    assert "re-pinned to the store's entry (PHIBUILD_REPIN)" in run.output
     assert Lockfile(root / "artifacts.lock").get(ONNX) == entry
 
 
@@ -200,10 +171,12 @@ def test_a_store_file_forged_with_its_manifest_is_not_restored(world):
     digest = hash_file(stored / "artifact" / "genai_config.json", with_sha256=True)
     rewrite_json(stored / "manifest.json", lambda m: m["files"].update({"genai_config.json": digest.to_dict()}))
     shutil.rmtree(root / "build" / ONNX)
-    run = run_doit(root, f"quantize:{ONNX}")
+    run = run_doit(root, f"quantize:{ONNX}")  # built again, which tells that the store's entry is what is wrong
     assert run.code == 0, run.output
-    assert "its files are not the ones artifacts.lock pins for this key: genai_config.json" in run.output
+    assert f"artifacts.lock pins other files for key {entry.key} than the store holds (genai_config.json" in run.output
+    assert "built again: the store's entry was not the one the lock pins, and the build agrees with it" in run.output
     assert (root / "build" / ONNX / "genai_config.json").read_bytes() != forged
+    assert (stored / "artifact" / "genai_config.json").read_bytes() != forged
     assert Lockfile(root / "artifacts.lock").get(ONNX) == entry
 
 
@@ -223,14 +196,15 @@ def test_bit_rot_in_the_store_is_neither_released_nor_restored(world):
     rot(root / ".phibuild" / "objects" / entry.key[:2] / entry.key / "artifact" / "model.gguf")
     release = run_doit(root, "release")
     assert release.code != 0
-    assert f"{GGUF}: model.gguf in the store is not the file artifacts.lock pins" in release.output
+    assert (f"{GGUF}: model.gguf in the store is damaged (it no longer matches its manifest); the entry is removed: "
+            f"`doit quantize:{GGUF}` builds or restores it again") in release.output
     assert not (root / "release").exists()
+    assert not (root / ".phibuild" / "objects" / entry.key[:2] / entry.key).exists()
     no_traceback(release.output)
 
-    assert run_doit(root, "clean", f"quantize:{GGUF}").code == 0
-    run = run_doit(root, f"quantize:{GGUF}")
+    run = run_doit(root, f"quantize:{GGUF}")  # the advice works: the rotten entry is no longer taken for fresh
     assert run.code == 0, run.output
-    assert f"store entry {entry.key} is damaged (files differ from its manifest: model.gguf)" in run.output
+    assert f"{GGUF}: pulled from the remote" in run.output
     release = run_doit(root, "release")
     assert release.code == 0, release.output
     check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=root / "release", capture_output=True, text=True)
@@ -322,7 +296,7 @@ def test_a_read_only_lock_and_a_lock_that_is_a_directory_are_one_line(world):
     for command in (["list"], [], ["verify"]):
         run = run_doit(root, *command)
         assert run.code != 0, run.output
-        assert "reading the lock: " in run.output and "it is a directory where a file is expected" in run.output
+        assert "lock = 'artifacts.lock' must name a file ending in .lock" in run.output
         no_traceback(run.output)
 
 

@@ -84,3 +84,25 @@ def test_a_written_lock_is_readable_by_all_as_the_umask_allows_and_keeps_its_mod
     lock.path.chmod(0o664)
     lock.put("t2", _entry(2))
     assert stat.S_IMODE(lock.path.stat().st_mode) == 0o664
+
+
+def test_assemble_merges_provenance_and_keeps_real_differences_a_conflict():
+    from dataclasses import replace
+
+    from phibuild.lockfile import merge
+    from phibuild.records import Lock
+
+    built = _entry(1)
+    pulled = replace(built, smoke=Smoke(built.smoke.result, "s3://team/phibuild"))
+    for order in ((pulled, built), (built, pulled)):
+        slices = {f"slice{i}": Lock({"t": entry}) for i, entry in enumerate(order)}
+        assert merge(Lock({}), slices).artifacts["t"] == built  # the slice that built it, whichever comes first
+    other = replace(built, files={"model.onnx": FileDigest(2, "2" * 32, "0" * 64)})
+    with pytest.raises(LockError, match="built it differently"):
+        merge(Lock({}), {"a": Lock({"t": built}), "b": Lock({"t": other})})
+
+
+def test_an_empty_or_blank_lock_file_is_an_empty_lock(tmp_path):
+    for text in ("", "\n\n  \n"):
+        (tmp_path / "artifacts.lock").write_text(text)
+        assert Lockfile(tmp_path / "artifacts.lock").read().artifacts == {}

@@ -61,10 +61,12 @@ def test_a_key_built_on_one_machine_is_pulled_by_another(tmp_path, model):
     assert f"{TARGET}: pulled from the remote {remote}" in pulled.output
     pinned = Lockfile(two / "artifacts.lock").get(TARGET)
     assert pinned == dataclasses.replace(entry, smoke=dataclasses.replace(entry.smoke, pulled_from=str(remote)))
+    assert pinned.smoke.unverified  # the lock of machine two did not pin it: nobody vouched for it yet
+    assert f"(checked where it was built; pulled from {remote}; UNVERIFIED" in pinned.smoke.summary()
+    assert run_doit(two, "release").code != 0
+    assert run_doit(two, f"reproduce:{TARGET}").code == 0  # rebuilt here to the same bytes: vouched for
     card = run_doit(two, "release")
     assert card.code == 0, card.output
-    card = (two / "release" / TARGET / "MODEL_CARD.md").read_text()
-    assert f"(checked where it was built; pulled from {remote})" in card
     for name in entry.files:
         assert (two / "build" / TARGET / name).read_bytes() == (one / "build" / TARGET / name).read_bytes()
     again = run_doit(two)

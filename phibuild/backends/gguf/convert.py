@@ -301,7 +301,7 @@ def _tokenizer(writer: gguf.GGUFWriter, source: Path, vocab_size: int) -> None:
     """The vocabulary padded to the embedding rows, special token ids, add-BOS/EOS flags, chat template."""
     if not (source / "tokenizer.json").is_file():
         raise BuildError(f"{source} has no tokenizer.json, whose added tokens and pre-tokenizer the GGUF needs")
-    spec = json.loads((source / "tokenizer.json").read_text())
+    spec = sources.read_json(source / "tokenizer.json")
     added = spec.get("added_tokens", [])
     bpe = not (source / "tokenizer.model").is_file()
     if not bpe:
