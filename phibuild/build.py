@@ -51,7 +51,7 @@ def build(project: Project, target: Target) -> str:
     locked = project.lock.get(target.name)
     if frozen():
         _check_frozen(target, locked, plan)
-    pinned = locked.pinned(plan.key) if locked else None
+    pinned = locked.pinned(plan.key) if locked and not locked.smoke.unverified else None  # nobody vouched: no pin
     entry, how = obtain(project, plan.parts, target.name, pinned, lambda output: make(project, plan, locked, output))
     pin = lock_entry(project, plan, entry, locked)
     if frozen() and pin != locked:

@@ -212,6 +212,16 @@ def _key_packages(value: Any, where: str) -> dict[str, list[str]]:
     return checked
 
 
+def _trusted_keys(value: Any, where: str) -> list[PublicKey]:
+    """``trusted_keys``: public keys, each name once (a card's "signed by NAME" must say which key signed)."""
+    keys = [PublicKey.from_text(text, f"{where}[{index}]") for index, text in enumerate(v.text_list(value, where))]
+    names = [key.name for key in keys]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise v.Invalid(f"{where} names the key {', '.join(twice)} more than once; give each key a name of its own")
+    return keys
+
+
 PATTERN_FIELDS = ("target", "model", "precision", "backend")
 PUBLISH_FIELDS = {"repo": v.Field(_repo_pattern), "private": v.Field(v.boolean, required=False)}
 FIELDS = {
@@ -231,8 +241,7 @@ FIELDS = {
     "remote_options": v.Field(v.table_of(v.text, v.json_value), required=False),
     "remote_timeout": v.Field(v.seconds, required=False),
     "remote_transfer_timeout": v.Field(v.seconds, required=False),
-    "trusted_keys": v.Field(lambda value, where: [PublicKey.from_text(text, f"{where}[{index}]") for index, text
-                                                  in enumerate(v.text_list(value, where))], required=False),
+    "trusted_keys": v.Field(lambda value, where: _trusted_keys(value, where), required=False),
     "key_packages": v.Field(_key_packages, required=False),
     "publish": v.Field(lambda value, where: v.fields(value, PUBLISH_FIELDS, where), required=False),
     "eval_text": v.Field(_path, required=False),
@@ -369,6 +378,16 @@ def switch(name: str) -> bool:
 PLACES = ("build", "release_dir", "report_dir", "store", "lock")
 
 
+def local_remote(url: str) -> str | None:
+    """The directory a remote writes in when it is on this machine: a plain path, ``file://`` or ``local://``, at
+    the end of an fsspec chain (``simplecache::file://...``) too; None for any other filesystem."""
+    target = url.split("::")[-1]
+    scheme, separator, rest = target.partition("://")
+    if not separator:
+        return target
+    return rest if scheme in ("file", "local") else None
+
+
 def _check_places(config: Config) -> None:
     """One path policy for every setting that names a place phibuild writes, checked when the settings are read,
     before anything is written: inside the project (the store may be outside), named without ``..``, never the
@@ -399,9 +418,9 @@ def _check_places(config: Config) -> None:
         if name != "lock" and real.exists() and not real.is_dir():
             raise ConfigError(f"{said} is a file; phibuild needs a directory there")
         places[name] = real
-    remote = config.remote.removeprefix("file://") if config.remote else None
-    if remote and "://" not in remote:
-        places["remote"] = Path(remote).resolve()
+    remote = local_remote(config.remote) if config.remote else None
+    if remote is not None:
+        places["remote"] = (root / remote).resolve()
         if places["remote"] == root or root.is_relative_to(places["remote"]):
             raise ConfigError(f"the remote {config.remote} is the project or holds it; give it a directory of its own")
     for (one, a), (other, b) in itertools.combinations(places.items(), 2):
@@ -421,5 +440,6 @@ def _check_places(config: Config) -> None:
         if inside:
             raise ConfigError(f"{said} ({real}) lies in phibuild's {inside[0]}, which phibuild replaces or removes "
                               "in; keep it elsewhere")
-        if len(f"path:{real}") > v.MAX_TEXT:
+        recorded = path.relative_to(root) if path.is_relative_to(root) else path  # as Project.origin records it
+        if len(f"path:{recorded}") > v.MAX_TEXT or len(f"path:{real}") > v.MAX_TEXT:
             raise ConfigError(f"{said} is longer than phibuild records a path ({v.MAX_TEXT} characters)")

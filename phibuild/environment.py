@@ -296,6 +296,11 @@ def _owning(module: object, candidates: list[str]) -> list[str]:
 def constraints(extras: tuple[str, ...], marker: str) -> list[str]:
     """``name==version ; marker`` for every distribution the closure of ``extras`` installs here."""
     installed = _installed()
+    own = installed.get(PROJECT)
+    known = set(own.metadata.get_all("Provides-Extra") or []) if own is not None else set()
+    unknown = sorted(set(extras) - known)
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)} is not an extra of phibuild; it has {', '.join(sorted(known))}")
     roots = [root for extra in extras for root in _extra_requirements(extra, installed)]
     versions, _ = _walk(roots, installed)
     return [f"{name}=={version} ; {marker}" for name, version in versions.items()]

@@ -143,12 +143,13 @@ class StatCache:
                 self._db.execute("DELETE FROM files WHERE substr(path, 1, ?) = ?", (len(prefix), prefix))
         self._recent = {path: known for path, known in self._recent.items() if not path.startswith(prefix)}
 
-    def digest(self, path: Path, with_sha256: bool = False) -> FileDigest:
+    def digest(self, path: Path, with_sha256: bool = False, before_reading=None) -> FileDigest:
         """The file's digest, from the cache when its stat is unchanged, else by reading it once.
 
         This process also remembers the digests of files too freshly written to be persisted, once they are
         ``RECENT_SECONDS`` old (it waits for a file younger than that): a run right after a checkout or a
-        ``touch`` reads each file once, not once per target using it.
+        ``touch`` reads each file once, not once per target using it. ``before_reading(path)`` runs first whenever
+        the file must be read.
         """
         path = Path(os.path.abspath(path))
         st = path.stat()
@@ -166,6 +167,8 @@ class StatCache:
             ).fetchone()
         if row and tuple(row[:4]) == signature and (row[5] or not with_sha256):
             return FileDigest(row[0], row[4], row[5])
+        if before_reading is not None:  # a check that costs little and spares reading a file that is not one
+            before_reading(path)
         started = time.time_ns()
         result = hash_file(path, with_sha256)
         after = path.stat()

@@ -114,6 +114,7 @@ class Lockfile:
                 parse(text, self.path)
             except LockError as exc:
                 raise LockError(f"not written, as it would not read back: {exc}") from None
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # inside the project (config._check_places)
             write_file(self.path, text)
         except OSError as exc:
             raise file_system_error(exc, f"writing {self.path.name}") from None

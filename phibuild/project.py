@@ -103,6 +103,7 @@ class Project:
         self.store = Store(self.root / config.store)
         lock = self.root / config.lock
         self.lock = Lockfile(lock, self.store.locks / f"lockfile-{digest_json(str(lock))[:16]}.lock")
+        self.store.register(lock)
         self.remote = (Remote(config.remote, config.remote_options, config.remote_timeout,
                               config.remote_transfer_timeout, config.trusted_keys, signing.from_environment())
                        if config.remote else NoRemote())

@@ -15,7 +15,19 @@ from typing import Any
 from . import validate as v
 from .hashing import FileDigest, digest_json
 
-FILES = v.table_of(v.relative_path, FileDigest.from_dict)
+
+def _files(value: Any, where: str) -> dict[str, FileDigest]:
+    """An artifact's files by relative path: none of them inside another's name, as a directory (``a`` and
+    ``a/b`` cannot both be files)."""
+    files = v.table_of(v.relative_path, FileDigest.from_dict)(value, where)
+    parents = {"/".join(name.split("/")[:depth]) for name in files for depth in range(1, name.count("/") + 1)}
+    clash = sorted(parents & files.keys())
+    if clash:
+        raise v.Invalid(f"{where} names {clash[0]!r} both as a file and as a directory")
+    return files
+
+
+FILES = _files
 PYTHON = re.compile(r"[a-z]+-[0-9]+\.[0-9]+\Z")  # environment.python(): "cpython-3.11"
 INTERMEDIATE = "intermediate"  # the precision of a backend's shared first step
 REFERENCE = "reference"  # the precision of a source model's reference logits (fidelity.py)

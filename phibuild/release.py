@@ -40,6 +40,10 @@ def choose(project: Project) -> Released:
     configured = sorted(target.name for target in found)
     chosen = Released()
     if project.config.release is not None:
+        strangers = [name for name in project.config.release if name not in configured]
+        if strangers:
+            raise BuildError(f"[tool.phibuild] release names {', '.join(strangers)}, which this project does not "
+                             "build (`doit list` shows its targets)")
         missing = [name for name in project.config.release if name not in lock or not _built(project, lock[name])]
         if missing:
             raise BuildError(f"cannot release {len(missing)} artifacts that are not built here: "
@@ -129,11 +133,18 @@ def _refuse(project: Project, name: str, stored: Entry, file: str, got: FileDige
 
 
 def _not_released(directory: Path) -> set[str]:
-    """What a release directory without phibuild's mark holds beyond a bundle of an older phibuild (SHA256SUMS
-    and the files it lists)."""
+    """What a release directory holds beyond a bundle phibuild wrote: SHA256SUMS listing only artifacts' files
+    (``<target>/<file>``, each artifact with its card) and the report's, and nothing beside what it lists. A
+    directory of someone else's with a SHA256SUMS of its own (``sha256sum * > SHA256SUMS``) is no bundle."""
+    files = files_under(directory)
     try:
         listed = {line.partition("  ")[2] for line in reading.read_text(directory / "SHA256SUMS",
                                                                          "release sums").splitlines()}
     except (OSError, reading.Unreadable):
-        return files_under(directory)
-    return files_under(directory) - listed - {"SHA256SUMS"}
+        return files
+    bundle = all(path.count("/") >= 1 and (path.startswith(f"{REPORT}/") or validate.NAME.match(path.split("/")[0]))
+                 for path in listed)
+    cards = {path.split("/")[0] for path in listed if not path.startswith(f"{REPORT}/")}
+    if not bundle or not all(f"{name}/{CARD}" in listed for name in cards):
+        return files
+    return files - listed - {"SHA256SUMS"}

@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -171,11 +172,11 @@ class Remote(NoRemote):
             return store.publish(build_dir, manifest.pulled(self.url, trusted_by))
 
     def _vouched(self, key: str, manifest: Manifest, expected: dict[str, FileDigest] | None) -> str | None:
-        """Why the entry may be pulled (None: it may, but only marked as vouched for by nobody), or DamageError
-        when it may not. The provenance policy: with ``trusted_keys`` listed, only a manifest signed by one of them;
-        without, one the lock pins, or an artifact, marked (release and publish refuse it until ``doit reproduce``
-        rebuilds it here); never an unpinned, unsigned intermediate, reference or measurement, whose bytes no
-        later check would catch."""
+        """Why the entry may be pulled (None: it may, but in the store it is marked as vouched for by nobody), or
+        DamageError when it may not. The provenance policy: with ``trusted_keys`` listed, only a manifest signed by
+        one of them; without, one the lock pins (the lock's entry is what vouches for it), or an artifact, marked
+        (release and publish refuse it until ``doit reproduce`` rebuilds it here); never an unpinned, unsigned
+        intermediate, reference or measurement, whose bytes no later check would catch."""
         if self.trusted:
             try:
                 record = self._small(self._signature_path(key), "key")
@@ -186,7 +187,7 @@ class Remote(NoRemote):
                 raise DamageError("it is not signed by a key in trusted_keys")
             return f"signed by {name}"
         if expected is not None:
-            return "pinned by artifacts.lock"
+            return None  # the lock's entry vouches for it, where it stands; the store's copy vouches for nothing
         if not manifest.is_artifact:
             raise DamageError(f"{manifest.label} is not pinned by artifacts.lock and not signed; an intermediate, "
                               "a fidelity reference or a measurement is pulled only when pinned or signed by a "
@@ -304,17 +305,12 @@ class Remote(NoRemote):
 
 
 def shown(url: str) -> str:
-    """``url`` without what must not be printed or written into a lock: a user name and password, a query string
-    (a signed URL's token), a fragment."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    if "://" not in url:
-        return url
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    host = f"[{host}]" if ":" in host else host
-    netloc = host + (f":{parts.port}" if parts.port else "") if parts.hostname is not None else parts.netloc
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    """``url`` without what must not be printed or written into a lock, in every part of an fsspec chain
+    (``simplecache::http://...``): user names and passwords, query strings (a signed URL's token), fragments,
+    parameters."""
+    url = re.sub(r"//[^/?#]*@", "//", url)  # user info, up to the last "@" before the path
+    url = re.sub(r"[?#].*?(?=::|$)", "", url)  # a query or fragment, to the end of its part of the chain
+    return re.sub(r";[^/:?#]*", "", url)  # parameters
 
 
 def _bounded_options(url: str, options: dict[str, Any], timeout: float) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import reading
 from .backends import PRECISIONS
 from .errors import ConfigError
 from .fidelity import checked, gate
@@ -21,6 +22,7 @@ from .records import Fidelity, LockEntry
 from .store import files_under, staged
 
 PAGE = "REPORT.md"
+TITLE = "# Fidelity, size and speed of "  # how every REPORT.md phibuild writes begins
 DRIFT_PLOT = "kl-by-position.png"
 # An artifact drifts when the KL over the last quarter of the window is this many times the first quarter's and
 # above the floor; below the floor, the ratio of two tiny numbers is rounding noise (fp32 measures about 1e-8).
@@ -85,12 +87,16 @@ def write(project: Project, directory: Path) -> list[Row]:
 
 
 def _not_reported(directory: Path) -> set[str]:
-    """What a report directory without phibuild's mark holds beyond a report of an older phibuild (REPORT.md and
-    its plots)."""
+    """What a report directory holds beyond a report phibuild wrote: its REPORT.md (by its title) and the plots
+    that page shows, nothing else."""
     files = files_under(directory)
-    if PAGE not in files:
+    try:
+        page = reading.read_text(directory / PAGE, "model card")
+    except (OSError, reading.Unreadable):
         return files
-    return {name for name in files if name != PAGE and not (name.endswith(".png") and "/" not in name)}
+    if not page.startswith(TITLE):
+        return files
+    return {name for name in files if name != PAGE and f"]({name})" not in page}
 
 
 def render(project: Project, found: list[Row], directory: Path) -> None:
@@ -114,7 +120,7 @@ def render(project: Project, found: list[Row], directory: Path) -> None:
 def _page(project: Project, found: list[Row], plots: dict[str, str], drifting: list[Row]) -> str:
     _, windows, length = project.config.eval_settings()
     measured = [row for row in found if row.measured]
-    lines = [f"# Fidelity, size and speed of {len(found)} artifacts", "",
+    lines = [f"{TITLE}{len(found)} artifacts", "",
              f"Each artifact is measured in its own runtime, with that runtime's defaults, against its source model "
              f"in float32 transformers, over held-out text ({windows} windows of {length} tokens in this project's "
              "settings; the Tokens column says how many each measurement used). `doit fidelity` measures, "

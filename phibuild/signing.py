@@ -27,16 +27,18 @@ CONTEXT = b"phibuild-manifest-1\0"  # so that a signature over a manifest can me
 ENVIRONMENT = "PHIBUILD_SIGNING_KEY"  # the secret key's file, on the machines that push
 
 
-def _parse(text: Any, where: str) -> tuple[str, bytes]:
-    """``NAME:BASE64`` of 32 bytes."""
+def _parse(text: Any, where: str, size: int = 32) -> tuple[str, bytes]:
+    """``NAME:BASE64`` of ``size`` bytes."""
     name, _, encoded = v.text(text.strip() if isinstance(text, str) else text, where).partition(":")
     v.name(name, f"{where}: the key's name")
     try:
         raw = base64.b64decode(encoded, validate=True)
     except binascii.Error:
         raw = b""
-    if len(raw) != 32:
-        raise v.Invalid(f"{where} must be NAME:BASE64 of an ed25519 key (32 bytes), like \"ci-1:...\"")
+    if len(raw) != size:
+        kind = ("a public ed25519 key (32 bytes)" if size == 32
+                else "a secret key as `python -m phibuild.signing` writes it")
+        raise v.Invalid(f"{where} must be NAME:BASE64 of {kind}, like \"ci-1:...\"")
     return name, raw
 
 
@@ -65,6 +67,9 @@ class PublicKey:
 
 @dataclass(frozen=True)
 class SecretKey:
+    """A signing key, written as Nix writes one: the 32-byte seed followed by the public key, so that a public key
+    given where the secret one belongs is refused rather than signing with garbage."""
+
     name: str
     seed: bytes
 
@@ -75,15 +80,20 @@ class SecretKey:
     @classmethod
     def from_file(cls, path: Path) -> SecretKey:
         """The key in ``path`` (read bounded), or a ConfigError naming the file and what is wrong."""
+        where = f"{ENVIRONMENT} ({path})"
         try:
-            return cls(*_parse(reading.read_text(path, "key"), f"{ENVIRONMENT} ({path})"))
+            name, raw = _parse(reading.read_text(path, "key"), where, 64)
         except (reading.Unreadable, v.Invalid) as exc:
             raise ConfigError(str(exc)) from None
         except OSError as exc:
             raise ConfigError(f"{ENVIRONMENT}: {path}: {exc.strerror or exc}") from None
+        key = cls(name, raw[:32])
+        if key.public().raw != raw[32:]:
+            raise ConfigError(f"{where} is not a secret key: its two halves do not belong together")
+        return key
 
     def to_text(self) -> str:
-        return f"{self.name}:{base64.b64encode(self.seed).decode()}"
+        return f"{self.name}:{base64.b64encode(self.seed + self.public().raw).decode()}"
 
     def public(self) -> PublicKey:
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey

@@ -25,6 +25,7 @@ import fnmatch
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -34,16 +35,18 @@ from pathlib import Path
 
 from . import reading, validate
 from .errors import BuildError, ConfigError, DamageError, LockError
-from .hashing import FileDigest, StatCache, hash_file
+from .hashing import FileDigest, StatCache, digest_json, hash_file
 from .records import Manifest, differing_files
 
 log = logging.getLogger(__name__)
 
 FICLONE = 0x40049409  # linux/fs.h: share extents with another file (btrfs, xfs, ...)
 STAGING = ".phibuild-"  # in the names of half-made trees and files beside their final place
+STAGED = re.compile(r"\..+\.phibuild-([0-9]+)-[0-9a-f]{8}\Z")  # staging_name's, exactly: nothing else is swept
+BUILDING = re.compile(r"([0-9]+)-[0-9a-f]{8}\Z")  # Store.building's directories in tmp/
 STORE_MARK = ".phibuild-store"  # in a store's root: the directory is phibuild's to write and remove in
 # What a store made by an older phibuild holds, and nothing else: such a directory is taken as a store.
-STORE_NAMES = {"objects", "tmp", "locks", "toolchains.json", "statcache.sqlite", "statcache.sqlite-wal",
+STORE_NAMES = {"objects", "tmp", "locks", "projects", "toolchains.json", "statcache.sqlite", "statcache.sqlite-wal",
                "statcache.sqlite-shm", "statcache.sqlite-journal", "matplotlib", STORE_MARK}
 
 
@@ -86,6 +89,32 @@ class Store:
         _claim(root)
         self.statcache = StatCache(root / "statcache.sqlite")
         _mark(root)
+
+    def register(self, lock: Path) -> None:
+        """Remember that the project whose lock is ``lock`` uses this store, so that ``doit gc`` in any project
+        sharing it keeps what every one of them references (best effort: a read-only store is only read)."""
+        record = self.root / "projects" / f"{digest_json(str(lock))[:16]}.txt"
+        if not record.exists():
+            with contextlib.suppress(OSError):
+                record.parent.mkdir(exist_ok=True)
+                write_file(record, str(lock) + "\n")
+
+    def users(self) -> list[Path]:
+        """The locks of the projects that use this store (``register``); records of locks that are gone are
+        dropped. A record that cannot be read is DamageError: then nobody can tell what is garbage."""
+        found = []
+        for record in sorted((self.root / "projects").glob("*.txt")):
+            try:
+                lock = Path(reading.read_text(record, "key").strip())
+            except (OSError, reading.Unreadable) as exc:
+                raise DamageError(f"{record} cannot be read ({exc})") from None
+            if lock.exists():
+                found.append(lock)
+            elif not lock.parent.exists() or not (lock.parent / "pyproject.toml").exists():
+                record.unlink(missing_ok=True)  # that project is gone
+            else:
+                found.append(lock)  # its lock is not written yet: it references nothing, but is still a user
+        return found
 
     def path(self, key: str) -> Path:
         key = validate.key(key, "a cache key")
@@ -215,8 +244,8 @@ class Store:
         if not self.below(self.tmp):
             raise DamageError(f"{self.tmp} lies behind a symlink; phibuild removes nothing outside its store")
         for stale in self.tmp.iterdir():
-            pid = stale.name.split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)) and _real_dir(stale):
+            building = BUILDING.match(stale.name)
+            if building and not _alive(int(building.group(1))) and _real_dir(stale):
                 shutil.rmtree(stale, ignore_errors=True)  # another process may be removing it too
 
     def publish(self, build_dir: Path, manifest: Manifest) -> Entry:
@@ -411,7 +440,7 @@ def _claim(root: Path) -> None:
         return
     if not root.is_dir():
         raise ConfigError(f"the store {root} is a file, not a directory: set store to a directory of its own")
-    names = {name for name in os.listdir(root) if not (name.startswith(".") and STAGING in name)}
+    names = {name for name in os.listdir(root) if not STAGED.match(name)}
     if not names or STORE_MARK in names or (names <= STORE_NAMES and "statcache.sqlite" in names):
         return  # new, marked, or made by an older phibuild (every store has its stat cache from the start)
     shown = ", ".join(sorted(names - STORE_NAMES)[:4])
@@ -483,10 +512,11 @@ def sweep(directory: Path) -> None:
     except OSError:
         return
     for name in names:
-        if not name.startswith(".") or STAGING not in name:
+        staged_by = STAGED.match(name)
+        if staged_by is None:
             continue
-        pid = name.rsplit(STAGING, 1)[1].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        pid = staged_by.group(1)
+        if not _alive(int(pid)):
             path = directory / name
             with contextlib.suppress(OSError):
                 if path.is_dir() and not path.is_symlink():

@@ -34,7 +34,7 @@ from pathlib import Path
 from doit import task_params
 from doit.exceptions import InvalidTask, TaskFailed
 
-from . import assemble, build, doit_config, fidelity, gc, publish, release, report, status, verify
+from . import assemble, build, doit_config, fidelity, gc, publish, reading, release, report, status, verify
 from .backends import platform_tag
 from .environment import constraints
 from .errors import PhibuildError, file_system_error
@@ -451,13 +451,18 @@ def _constraints(root: str, extras: str) -> None:
     path = proj.root / CONSTRAINTS
     here = f"sys_platform == \"{sys.platform}\" and platform_machine == \"{os.uname().machine}\""
     kept = []
-    if path.is_file():  # other platforms' pins stay as they are
-        kept = [line for line in path.read_text().splitlines() if line and not line.startswith("#")
-                and not line.endswith(here)]
+    if path.exists():  # other platforms' pins stay as they are
+        try:
+            text = reading.read_text(path, "settings")
+        except reading.Unreadable as exc:
+            raise PhibuildError(f"{exc}; restore it from git") from None
+        kept = [line for line in text.splitlines() if line and not line.startswith("#") and not line.endswith(here)]
     try:
         pins = constraints(tuple(name.strip() for name in extras.split(",") if name.strip()), here)
     except LookupError as exc:
         raise PhibuildError(f"cannot write {CONSTRAINTS}: {exc} is not installed") from None
+    except ValueError as exc:
+        raise PhibuildError(f"--extras {extras!r}: {exc}") from None
     header = ("# constraints.txt: the exact versions artifacts.lock was built with, per platform; written by\n"
               "# `doit constraints` in the environment that built the lock. Install through it:\n"
               "#   pip install -c constraints.txt -e \".[all]\"\n")

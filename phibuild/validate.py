@@ -24,6 +24,7 @@ DISTRIBUTION = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,198}[A-Za-z0-9])?\Z")  
 HEX = {n: re.compile(rf"[0-9a-f]{{{n}}}\Z") for n in (2, 16, 32, 40, 64)}
 MAX_TEXT = 2000  # a smoke result or an origin; anything longer is not one
 MAX_LIST = 64  # a per-position curve; anything longer is not one
+WEEK = 7 * 24 * 3600
 
 
 class Invalid(ValueError):
@@ -93,9 +94,10 @@ def count(value: Any, where: str) -> int:
 
 
 def seconds(value: Any, where: str) -> float:
-    """A positive, finite number of seconds."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise Invalid(f"{where} must be a positive number of seconds, not {value!r}")
+    """A positive number of seconds, a week at most (a longer wait is a mistake, and overflows a timer)."""
+    if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0
+            or value > WEEK):
+        raise Invalid(f"{where} must be a positive number of seconds, at most {WEEK} (a week), not {value!r}")
     return float(value)
 
 

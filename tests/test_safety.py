@@ -81,6 +81,10 @@ def user_project(tmp_path: Path, settings: str) -> Path:
     ('remote = "."', "is the project or holds it"),
     ('remote = ".phibuild/remote"', "overlap"),
     ('remote = "file://{root}"', "is the project or holds it"),
+    ('remote = "local://{root}"', "is the project or holds it"),
+    ('remote = "simplecache::file://{root}/.phibuild"', "overlap"),
+    ('trusted_keys = ["ci:' + "A" * 43 + '=", "ci:' + "B" * 43 + '="]', "more than once"),
+    ("remote_timeout = 1e308", "at most 604800"),
     ('remote = "file://{root}/.phibuild/objects"', "overlap"),
     ('lock = "src/app.py"', "must name a file ending in .lock"),
     ('lock = "pyproject.toml"', "must name a file ending in .lock"),
@@ -124,17 +128,24 @@ def test_a_setting_that_leads_through_a_symlink_is_refused(tmp_path, setting, va
     assert list((tmp_path / "outside").rglob("*")) == [outside]
 
 
-@pytest.mark.parametrize(("setting", "command"), [("release_dir", "release"), ("report_dir", "report")])
-def test_a_directory_phibuild_did_not_make_is_never_replaced(world, setting, command):
+@pytest.mark.parametrize(("setting", "command", "files"), [
+    ("release_dir", "release", {"guide.md": "# mine\n"}),
+    ("report_dir", "report", {"guide.md": "# mine\n"}),
+    ("report_dir", "report", {"REPORT.md": "# Q3 findings\n", "fig1.png": "png"}),  # looks like a report
+    ("release_dir", "release", {"mypkg-1.0.tar.gz": "tar", "SHA256SUMS": "0" * 64 + "  mypkg-1.0.tar.gz\n"}),
+    ("release_dir", "release", {"a/x.bin": "x", "SHA256SUMS": "0" * 64 + "  a/x.bin\n"}),  # no card: no bundle
+])
+def test_a_directory_phibuild_did_not_make_is_never_replaced(world, setting, command, files):
     one = world / "one"
-    (one / "docs").mkdir()
-    (one / "docs" / "guide.md").write_text("# mine\n")
+    for name, text in files.items():
+        (one / "docs" / name).parent.mkdir(parents=True, exist_ok=True)
+        (one / "docs" / name).write_text(text)
     (one / "pyproject.toml").write_text((one / "pyproject.toml").read_text().replace(
         "[tool.phibuild]\n", f'[tool.phibuild]\n{setting} = "docs"\n'))
     run = run_doit(one, command)
     one_line(run)
-    assert "was not made by phibuild" in run.output and "guide.md" in run.output
-    assert (one / "docs" / "guide.md").read_text() == "# mine\n"
+    assert "was not made by phibuild" in run.output
+    assert all((one / "docs" / name).read_text() == text for name, text in files.items())
 
 
 @pytest.mark.parametrize("added", ["NOTES.md", "sub/notes.md", "empty/", "link"])
@@ -193,6 +204,29 @@ def test_a_store_setting_naming_a_users_directory_is_refused(tmp_path, layout):
         one_line(run)
         assert "is a directory phibuild did not make" in run.output
     assert all((root / "data" / name).read_text() == "mine\n" for name in layout)
+
+
+def test_gc_in_a_shared_store_keeps_what_the_other_projects_reference(world):
+    shared = world / "shared"
+    a = project(world, "a", backends=("gguf",), extra=f'store = "{shared}"\n', remote="")
+    b = project(world, "b", backends=("onnx",), extra=f'store = "{shared}"\n', remote="")
+    assert run_doit(a).code == 0 and run_doit(b).code == 0
+    run = run_doit(a, "gc", "--delete")
+    assert run.code == 0, run.output
+    again = run_doit(b)
+    assert again.code == 0 and again.built == [] and "restored from the store" not in again.output, again.output
+    assert run_doit(b, "verify").code == 0
+
+
+def test_sweeping_takes_only_what_phibuild_staged(world):
+    one = world / "one"
+    mine = one / ".backup.phibuild-2024-12-07"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine\n")
+    dead = one / ".artifacts.lock.phibuild-4194303-0123abcd"  # a dead process's staging file
+    dead.write_text("half a lock")
+    assert run_doit(one, "list").code == 0
+    assert (mine / "notes.txt").read_text() == "mine\n" and not dead.exists()
 
 
 @pytest.mark.parametrize("where", ["fan-out", "entry", "tmp"])
@@ -328,6 +362,16 @@ def test_a_model_file_larger_than_its_kind_is_refused_before_it_is_hashed(tmp_pa
     assert run.bytes_read < 2**30
 
 
+def test_weights_whose_header_does_not_describe_them_are_refused_before_they_are_hashed(tmp_path):
+    model = copy_model("phi3-tiny", tmp_path / "model")
+    with open(model / "model.safetensors", "r+b") as handle:
+        handle.truncate(2 * 2**40)  # sparse: 2 TiB that cost no disk
+    root = write_project(tmp_path / "p", ["a"], ["onnx"], ["int4"], local={"a": model})
+    run = run_doit(root, "quantize:a-int4-onnx")
+    one_line(run)
+    assert "is truncated or padded" in run.output and run.bytes_read < 2**30
+
+
 def test_a_path_that_is_no_model_is_refused_before_anything_is_hashed(tmp_path):
     root = write_project(tmp_path / "p", ["a"], ["onnx"], ["int4"], local={"a": Path("/")})
     run = run_doit(root, "quantize:a-int4-onnx")
@@ -459,6 +503,10 @@ def test_an_unpinned_pull_is_marked_and_not_shipped_until_rebuilt_here(world, po
     assert run.code == 0 and run.built == [], run.output
     entry = Lockfile(two / "artifacts.lock").get(ONNX)
     assert entry.smoke.unverified and entry.smoke.pulled_from
+    shutil.rmtree(two / ".phibuild")  # pulled again, by the pin of an entry nobody vouched for: still unvouched
+    assert run_doit(two).code == 0 and Lockfile(two / "artifacts.lock").get(ONNX).smoke.unverified
+    (two / "artifacts.lock").unlink()  # and taken from the store into a lock of its own: still unvouched
+    assert run_doit(two).code == 0 and Lockfile(two / "artifacts.lock").get(ONNX).smoke.unverified
     info = run_doit(two, "info", f"quantize:{ONNX}")
     assert "UNVERIFIED" in info.output
     for command in ("release", "publish"):
@@ -494,6 +542,10 @@ def test_an_unvouched_artifact_vouches_for_nothing_it_names(world):
 
 @pytest.mark.parametrize(("url", "shown"), [
     ("http://ci:hunter2@127.0.0.1:9/store?X-Amz-Signature=abc#x", "http://127.0.0.1:9/store"),
+    ("simplecache::http://alice:hunter2@127.0.0.1:8765", "simplecache::http://127.0.0.1:8765"),
+    ("http://alice:hun@ter2@h:9/p", "http://h:9/p"),
+    ("sftp://u;fingerprint=hunter2@h/p", "sftp://h/p"),
+    ("blockcache::s3://b/p?token=hunter2::s3://c", "blockcache::s3://b/p::s3://c"),
     ("s3://bucket/phibuild", "s3://bucket/phibuild"),
     ("https://[::1]:8080/p", "https://[::1]:8080/p"),
 ])
@@ -571,6 +623,15 @@ def test_unsigned_entries_are_refused_where_keys_are_trusted(world, keys):
     run = run_doit(two)
     assert run.code == 0 and run.built == [ONNX], run.output
     assert "not signed by a key in trusted_keys" in run.output
+
+
+def test_a_public_key_is_no_signing_key(world, keys, monkeypatch, tmp_path):
+    _, public, _ = keys
+    (tmp_path / "public.key").write_text(public + "\n")
+    monkeypatch.setenv("PHIBUILD_SIGNING_KEY", str(tmp_path / "public.key"))
+    run = run_doit(world / "one", "list")
+    one_line(run)
+    assert "PHIBUILD_SIGNING_KEY" in run.output
 
 
 @pytest.mark.parametrize("key", ["ci-1:short", "no-colon", "CI:" + "A" * 44, 'ci:""'])
@@ -673,6 +734,45 @@ def test_settings_are_read_strictly(tmp_path, text, message):
     run = run_doit(root, "quantize:phi3-tiny-int4-onnx")
     one_line(run)
     assert message in run.output, run.output
+
+
+@pytest.mark.parametrize(("args", "text", "message"), [
+    (["--extras", "alll"], None, "is not an extra of phibuild"),
+    ([], b"\xff\xfe", "is not UTF-8 text"),
+])
+def test_constraints_refuses_what_it_cannot_use_and_keeps_the_file(world, args, text, message):
+    one = world / "one"
+    (one / "constraints.txt").write_bytes(text if text is not None else (REPO / "constraints.txt").read_bytes())
+    before = (one / "constraints.txt").read_bytes()
+    run = run_doit(one, "constraints", *args)
+    one_line(run)
+    assert message in run.output and (one / "constraints.txt").read_bytes() == before
+
+
+def test_a_lock_in_a_directory_not_made_yet_is_written_there(tmp_path):
+    root = write_project(tmp_path / "p", ["phi3-tiny"], ["gguf"], ["int4"], extra='lock = "locks/artifacts.lock"\n')
+    run = run_doit(root, "quantize:phi3-tiny-int4-gguf")
+    assert run.code == 0, run.output
+    assert Lockfile(root / "locks" / "artifacts.lock").get("phi3-tiny-int4-gguf") is not None
+
+
+def test_a_release_naming_no_target_of_the_project_is_one_line(world):
+    one = world / "one"
+    (one / "pyproject.toml").write_text((one / "pyproject.toml").read_text().replace(
+        "[tool.phibuild]\n", '[tool.phibuild]\nrelease = ["nope-int4-gguf"]\n'))
+    run = run_doit(one, "release")
+    one_line(run)
+    assert "which this project does not build" in run.output
+
+
+def test_a_manifest_naming_a_file_and_a_directory_alike_is_refused():
+    from phibuild.records import FILES
+    from phibuild.validate import Invalid
+
+    digest = {"size": 1, "xxh3_128": "0" * 32, "sha256": "0" * 64}
+    with pytest.raises(Invalid, match="both as a file and as a directory"):
+        FILES({"a": digest, "a/b": digest}, "its files")
+    assert set(FILES({"a/b": digest, "a/c": digest, "ab": digest}, "its files")) == {"a/b", "a/c", "ab"}
 
 
 def test_key_packages_are_read_by_their_canonical_names(tmp_path):
