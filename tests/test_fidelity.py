@@ -172,6 +172,7 @@ def test_the_report_draws_the_artifacts_whose_kl_grows_along_the_window(measured
     found = [replace(row, fidelity=replace(row.fidelity, kl_by_position=tuple(curves[row.name]),
                                            kl_early=curves[row.name][0], kl_late=curves[row.name][-1]))
              if row.name in curves else row for row in report.rows(project)]  # a lock edited so would be refused
+    (tmp_path / "report").mkdir()
     report.render(project, found, tmp_path / "report")
     assert [row.name for row in found if row.drifts()] == [drifting]
     page = (tmp_path / "report" / PAGE).read_text()

@@ -86,11 +86,13 @@ def test_damaged_store_file_is_found(tmp_path):
 def test_left_overs_of_dead_builds_are_removed(tmp_path):
     store = Store(tmp_path / "store")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / "store" / "tmp" / f"{dead.stdout.strip()}-abc"
+    stale = tmp_path / "store" / "tmp" / f"{dead.stdout.strip()}-0123abcd"
     (stale / "artifact").mkdir(parents=True)
     (stale / "artifact" / "half.bin").write_bytes(b"half")
+    stranger = tmp_path / "store" / "tmp" / f"{dead.stdout.strip()}-notes"  # not a name phibuild gives: kept
+    stranger.mkdir()
     with store.building() as mine:
-        assert not stale.exists()
+        assert not stale.exists() and stranger.exists()
         assert mine.exists() and mine.name.startswith(f"{os.getpid()}-")
 
 
