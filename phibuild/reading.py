@@ -136,13 +136,13 @@ def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _shallow(value: Any, what: str) -> Any:
     """``value`` if no list or table in it is nested deeper than ``MAX_DEPTH`` (walked without recursion)."""
-    stack = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict | list):
-            if depth >= MAX_DEPTH:
-                raise Unreadable(f"{what} is nested more than {MAX_DEPTH} deep, deeper than any such file is")
-            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    level, depth = [value] if isinstance(value, dict | list) else [], 0
+    while level:  # one level of containers at a time: scalars are never looked at twice
+        if depth >= MAX_DEPTH:
+            raise Unreadable(f"{what} is nested more than {MAX_DEPTH} deep, deeper than any such file is")
+        level = [child for item in level for child in (item.values() if isinstance(item, dict) else item)
+                 if isinstance(child, dict | list)]
+        depth += 1
     return value
 
 

@@ -9,6 +9,7 @@ accepts, so that what passed is exactly what is used. Paths are only ever built 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -207,15 +208,19 @@ def distribution(value: Any, where: str) -> str:
 
 def version(value: Any, where: str) -> str:
     """An exact version as PEP 440 writes it (``2.14.1``, ``0.3.36``, ``2026.4.0.dev1``, ``2.14.1+cpu``)."""
-    from packaging.version import InvalidVersion, Version
-
     if not isinstance(value, str) or len(value) > 100:
         raise Invalid(f"{where} must be a version string, not {_short(value)}")
-    try:
-        Version(value)
-    except InvalidVersion:
-        raise Invalid(f"{where}: {value!r} is not a PEP 440 version") from None
+    if not _pep440().match(value):
+        raise Invalid(f"{where}: {value!r} is not a PEP 440 version")
     return value
+
+
+@functools.cache
+def _pep440() -> re.Pattern:
+    """packaging's own PEP 440 pattern, compiled once (a lock lists hundreds of versions)."""
+    from packaging.version import VERSION_PATTERN
+
+    return re.compile(rf"{VERSION_PATTERN}\Z", re.VERBOSE | re.IGNORECASE)
 
 
 def table_of(check_key: Check, check_value: Check) -> Check:
