@@ -215,10 +215,7 @@ def _key_packages(value: Any, where: str) -> dict[str, list[str]]:
 def _trusted_keys(value: Any, where: str) -> list[PublicKey]:
     """``trusted_keys``: public keys, each name once (a card's "signed by NAME" must say which key signed)."""
     keys = [PublicKey.from_text(text, f"{where}[{index}]") for index, text in enumerate(v.text_list(value, where))]
-    names = [key.name for key in keys]
-    twice = sorted({name for name in names if names.count(name) > 1})
-    if twice:
-        raise v.Invalid(f"{where} names the key {', '.join(twice)} more than once; give each key a name of its own")
+    v.unique([key.name for key in keys], where)
     return keys
 
 

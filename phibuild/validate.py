@@ -188,7 +188,11 @@ def text_list(value: Any, where: str) -> list[str]:
 
 def name_list(value: Any, where: str) -> list[str]:
     """Names, each once: a list of names is a set in order, and a name given twice is a slip."""
-    names = [name(item, f"{where}[{i}]") for i, item in enumerate(text_list(value, where))]
+    return unique([name(item, f"{where}[{i}]") for i, item in enumerate(text_list(value, where))], where)
+
+
+def unique(names: list[str], where: str) -> list[str]:
+    """``names`` if none is given twice (a slip: a list of names is a set in order)."""
     twice = sorted({item for item in names if names.count(item) > 1})
     if twice:
         raise Invalid(f"{where} names {', '.join(twice)} more than once")
