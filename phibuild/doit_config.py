@@ -12,6 +12,7 @@ unchanged. ``phibuild.tasks.run`` (doit in-process) catches the same errors itse
 import sys
 
 _previous = sys.excepthook
+EMPTY_ARGUMENT = "an empty argument on the command line; give an option its value as --name=VALUE"
 
 
 def _doit_frame(tb) -> str | None:
@@ -28,7 +29,7 @@ def _doit_frame(tb) -> str | None:
 def _hook(kind, exc, tb) -> None:
     where = _doit_frame(tb)
     if where == "process_args" and issubclass(kind, IndexError):
-        sys.stderr.write("ERROR: an empty argument on the command line; give an option its value as --name=VALUE\n")
+        sys.stderr.write(f"ERROR: {EMPTY_ARGUMENT}\n")
     elif where == "load_config_toml" and issubclass(kind, Exception):
         sys.stderr.write(f"ERROR: pyproject.toml {said(kind, exc)}\n")
     else:

@@ -62,10 +62,10 @@ def source_files(directory: Path, trust_remote_code: bool = False) -> list[Path]
 
 
 def digest_directory(directory: Path, cache: StatCache, trust_remote_code: bool = False) -> dict[str, str]:
-    """``{relative path: xxh3}`` for a model directory, through the stat cache; config.json is read first, so
+    """``{relative path: xxh3}`` for a model directory, through the stat cache; config.json is looked for first, so
     that a directory that is no model is refused before anything in it is hashed, and every file but the weights
     is held to the size of its kind before it is read."""
-    read_config(directory)
+    _config_path(directory)  # a stat, not a parse: this runs for every target of every no-op run
     files = {}
     for path in source_files(directory, trust_remote_code):
         try:
@@ -91,17 +91,23 @@ def read_json(path: Path, what: str = "model config") -> Any:
 
 def read_config(directory: Path) -> dict:
     """config.json, or a clear error saying this is not a Hugging Face model directory."""
-    if not directory.is_dir():
-        raise SourceError(f"model directory {directory} does not exist")
-    path = directory / "config.json"
-    if not path.exists():
-        raise SourceError(f"{directory} is not a Hugging Face model directory: it has no config.json")
+    path = _config_path(directory)
     config = read_json(path)
     architectures = config.get("architectures") if isinstance(config, dict) else None
     if not architectures or not isinstance(architectures, list) or not all(
             isinstance(name, str) for name in architectures):
         raise SourceError(f"{path} names no architectures; is this a causal language model checkpoint?")
     return config
+
+
+def _config_path(directory: Path) -> Path:
+    """``directory``'s config.json, or a clear error saying this is not a Hugging Face model directory."""
+    if not directory.is_dir():
+        raise SourceError(f"model directory {directory} does not exist")
+    path = directory / "config.json"
+    if not path.exists():
+        raise SourceError(f"{directory} is not a Hugging Face model directory: it has no config.json")
+    return path
 
 
 def architecture(directory: Path) -> str:

@@ -100,8 +100,9 @@ class Store:
                 write_file(record, str(lock) + "\n")
 
     def users(self) -> list[Path]:
-        """The locks of the projects that use this store (``register``); records of locks that are gone are
-        dropped. A record that cannot be read is DamageError: then nobody can tell what is garbage."""
+        """The locks of the projects that use this store (``register``). A record whose lock is gone is dropped: it
+        references nothing, and its project registers again when it next runs. A record that cannot be read is
+        DamageError: then nobody can tell what is garbage."""
         found = []
         for record in sorted((self.root / "projects").glob("*.txt")):
             try:
@@ -110,10 +111,8 @@ class Store:
                 raise DamageError(f"{record} cannot be read ({exc})") from None
             if lock.exists():
                 found.append(lock)
-            elif not lock.parent.exists() or not (lock.parent / "pyproject.toml").exists():
-                record.unlink(missing_ok=True)  # that project is gone
             else:
-                found.append(lock)  # its lock is not written yet: it references nothing, but is still a user
+                record.unlink(missing_ok=True)
         return found
 
     def path(self, key: str) -> Path:

@@ -478,7 +478,7 @@ def run(root: Path, *args: str) -> int:
 
     forget_projects()
     if "" in args:  # doit's own parser fails on one (see doit_config.py)
-        sys.stderr.write("ERROR: an empty argument on the command line; give an option its value as --name=VALUE\n")
+        sys.stderr.write(f"ERROR: {doit_config.EMPTY_ARGUMENT}\n")
         return 3
     with contextlib.chdir(root):
         namespace = {name: value for name, value in globals().items() if name.startswith("task_")}
