@@ -1,4 +1,5 @@
-"""phibuild's own build file: every model in pyproject.toml's [tool.phibuild] through every installed backend.
+"""phibuild's own build file: every model in pyproject.toml's [tool.phibuild] through every backend, each in its
+toolchain's environment.
 
 `doit list` shows the targets, `doit` builds the default one, `doit quantize:<target>` builds one.
 """
@@ -6,7 +7,6 @@
 from phibuild.tasks import (  # noqa: F401
     dodo_config,
     task_assemble,
-    task_constraints,
     task_fidelity,
     task_gc,
     task_publish,
@@ -14,6 +14,7 @@ from phibuild.tasks import (  # noqa: F401
     task_release,
     task_report,
     task_reproduce,
+    task_toolchains,
     task_verify,
 )
 

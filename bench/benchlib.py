@@ -270,12 +270,20 @@ def timed_doit(root: Path, *args: str) -> TimedBuild:
 
 
 def installed_backends() -> list[str]:
-    """The backends whose extra is installed here (what a project's default ``backends`` builds)."""
+    """The backends whose toolchain has a lock for this interpreter and platform (what a project's default
+    ``backends`` builds)."""
     from phibuild import backends
-    from phibuild.environment import Environment
+    from phibuild.errors import ConfigError
+    from phibuild.toolchains import declare
 
-    environment = Environment()
-    return [name for name in BACKENDS if not environment.missing(backends.get(name).extra)]
+    found = []
+    for name in BACKENDS:
+        try:
+            declare.locked(backends.get(name).toolchain)
+        except ConfigError:
+            continue
+        found.append(name)
+    return found
 
 
 def selection(parser: argparse.ArgumentParser) -> None:

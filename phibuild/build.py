@@ -4,8 +4,8 @@
     obtain  the store's entry for the key, or the remote's, or a new build, pushed to the remote; each
             checked against the files artifacts.lock pins for the key (a build too: under an unchanged key,
             other bytes are an error, not a new pin)
-            make: fetch the source, obtain the backend's intermediate the same way, run the backend, keep
-            the model's own code out, smoke-check the artifact in its runtime
+            make: fetch the source, obtain the backend's intermediate the same way, run the backend in its
+            toolchain's worker, keep the model's own code out, smoke-check the artifact in its runtime
     show    the entry under build/<target>
     lock    its entry in artifacts.lock
 
@@ -14,25 +14,24 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import sys
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from . import sources
-from .backends import Job, console_kept
+from .backends import Job
 from .catalog import VISION_ARCHITECTURES
-from .environment import covered_only, imports_outside, not_covered
 from .errors import BuildError, LockError, UnsupportedError
 from .hashing import FileDigest, digest_files
+from .linking import link_file
 from .project import Plan, Project, Target, frozen, repin, restore_only
 from .records import INTERMEDIATE, KeyParts, LockEntry, Manifest, Pin, Smoke, differing_files
-from .store import Entry, PinMismatch, described, link_file
+from .store import Entry, PinMismatch, described
+from .toolchains import declare, worker
 
 log = logging.getLogger(__name__)
 
@@ -128,21 +127,38 @@ def make(project: Project, plan: Plan, locked: LockEntry | None, output: Path) -
     intermediate = obtain_intermediate(project, plan, locked)
     log.info("building %s: %s %s (key %s)", target.name, target.backend.title, target.precision, plan.key[:12])
     job = _job(plan, output, intermediate.artifact if intermediate else None)
-    before = set(sys.modules)
-    produce(plan, job)
-    smoke = smoke_check(plan, job)
-    _check_imports(before, plan, target.name)
+    _, smoke = run(plan, [_build_step(plan, job), _smoke_step(plan, job)])
+    log.info("smoke check of %s: %s", target.name, smoke)
     _check_unchanged(project, plan, target.name)
     return Made(Smoke(smoke), Pin(intermediate.key, intermediate.files) if intermediate else None)
 
 
 def smoke_check(plan: Plan, job: Job) -> str:
     """Run the artifact in ``job.output`` in its runtime, as users will: what the check said, in one line."""
-    target = plan.target
-    with step(plan, target.name, f"the smoke check in {target.backend.title}'s runtime failed"):
-        smoke = target.backend.smoke(job.output, job).summary()
-    log.info("smoke check of %s: %s", target.name, smoke)
+    smoke = run(plan, [_smoke_step(plan, job)])[0]
+    log.info("smoke check of %s: %s", plan.target.name, smoke)
     return smoke
+
+
+def run(plan: Plan, steps: list[dict[str, Any]]) -> list[Any]:
+    """``steps`` run by one worker of the target's toolchain."""
+    return worker.run(declare.locked(plan.target.backend.toolchain), steps, steps[0]["failure"])
+
+
+def step(verb: str, plan: Plan, job: Job, failure: str, **more: Any) -> dict[str, Any]:
+    """A worker's step for the target's backend (``phibuild.work`` runs it)."""
+    return {"verb": verb, "backend": plan.target.backend.name, "job": job.to_dict(), "failure": failure, **more}
+
+
+def _build_step(plan: Plan, job: Job) -> dict[str, Any]:
+    """The backend's build; the model's own code is then kept out of the artifact unless the model opted in."""
+    return step("build", plan, job, f"{plan.target.name}: {plan.target.backend.title} failed")
+
+
+def _smoke_step(plan: Plan, job: Job) -> dict[str, Any]:
+    target = plan.target
+    return step("smoke", plan, job, f"{target.name}: the smoke check in {target.backend.title}'s runtime failed",
+                artifact=str(job.output))
 
 
 def checked_here(project: Project, target: Target, entry: Entry) -> str:
@@ -165,7 +181,7 @@ def obtain_intermediate(project: Project, plan: Plan, locked: LockEntry | None) 
     if params is None:
         return None
     parts = replace(plan.parts, backend=f"{backend.name}-intermediate", precision=INTERMEDIATE, params=params,
-                    machine=backend.machine(project.environment, params))
+                    machine=backend.machine(project.facts(backend), params))
     label = f"{target.model.name}-{backend.name}-{'-'.join(str(value) for value in params.values())}"
     # an artifact pulled unvouched vouches for nothing, its intermediate's files included
     pinned = locked.intermediate_files(parts.key) if locked and not locked.smoke.unverified else None
@@ -173,32 +189,12 @@ def obtain_intermediate(project: Project, plan: Plan, locked: LockEntry | None) 
     def make_intermediate(output: Path) -> Made:
         log.info("building %s: %s intermediate %s (key %s)", label, backend.title, params, parts.key[:12])
         job = replace(_job(plan, output), params=params)
-        before = set(sys.modules)
-        with step(plan, label, f"{backend.title} intermediate failed"):
-            backend.build_intermediate(job)
-        _check_imports(before, plan, label)
+        run(plan, [step("build_intermediate", plan, job, f"{label}: {backend.title} intermediate failed")])
         _check_unchanged(project, plan, label)
         return Made()
 
     entry, _ = obtain(project, parts, label, pinned, make_intermediate)
     return entry
-
-
-def produce(plan: Plan, job: Job) -> None:
-    """Run the backend, then keep the model's own code out of the artifact unless the model opted in."""
-    target = plan.target
-    with step(plan, target.name, f"{target.backend.title} failed"):
-        target.backend.build(job)
-    if not job.trust_remote_code:
-        _drop_remote_code(job.output)
-
-
-@contextlib.contextmanager
-def step(plan: Plan, label: str, failure: str) -> Iterator[None]:
-    """A toolchain step: it sees only the distributions its key covers, and prints only if it fails."""
-    backend = plan.target.backend
-    with covered_only(plan.parts.toolchain, label, backend.extra), console_kept(f"{label}: {failure}"):
-        yield
 
 
 def rebuild(project: Project, target: Target) -> tuple[dict[str, FileDigest], dict[str, FileDigest] | None]:
@@ -209,17 +205,17 @@ def rebuild(project: Project, target: Target) -> tuple[dict[str, FileDigest], di
     _check_source(target, plan.source.directory)
     project.store.tmp.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="rebuild-", dir=project.store.tmp) as scratch:
-        intermediate = None
+        intermediate, steps = None, []
         params = target.backend.intermediate(target.precision, target.params)
         if params is not None:
             intermediate = Path(scratch) / "intermediate"
             intermediate.mkdir()
-            with step(plan, target.name, f"{target.backend.title} intermediate failed"):
-                target.backend.build_intermediate(replace(_job(plan, intermediate), params=params))
+            steps.append(step("build_intermediate", plan, replace(_job(plan, intermediate), params=params),
+                              f"{target.name}: {target.backend.title} intermediate failed"))
         output = Path(scratch) / "artifact"
         output.mkdir()
         log.info("rebuilding %s from scratch", target.name)
-        produce(plan, _job(plan, output, intermediate))
+        run(plan, [*steps, _build_step(plan, _job(plan, output, intermediate))])
         return digest_files(output), digest_files(intermediate) if intermediate else None
 
 
@@ -262,15 +258,6 @@ def _check_unchanged(project: Project, plan: Plan, label: str) -> None:
         raise BuildError(f"{label}: the source files changed during the build; build again")
 
 
-def _check_imports(before: set[str], plan: Plan, label: str) -> None:
-    """Fail a build that imported a distribution its key does not cover: its bytes may depend on it."""
-    outside = imports_outside(before, plan.parts.toolchain)
-    if outside:
-        found = ", ".join(f"{name} {version}" for name, version in sorted(outside.items()))
-        raise not_covered(label, f"imported {found}", sorted(outside), plan.parts.toolchain,
-                          plan.target.backend.extra, "so its bytes may depend on it")
-
-
 def _differ_from_lock(label: str, key: str, pinned: dict[str, FileDigest], files: dict[str, FileDigest]) -> None:
     """Bytes other than the lock's under the same key: refused unless PHIBUILD_REPIN says to accept them."""
     changes = [f"{name} {_sha(pinned.get(name))} -> {_sha(files.get(name))}" for name in differing_files(pinned, files)]
@@ -285,21 +272,6 @@ def _differ_from_lock(label: str, key: str, pinned: dict[str, FileDigest], files
 
 def _sha(digest: FileDigest | None) -> str:
     return "(none)" if digest is None else f"sha256 {digest.sha256[:12]}"
-
-
-def _drop_remote_code(output: Path) -> None:
-    """Remove ``*.py`` files and ``auto_map`` entries (which tell transformers to import them) from an
-    artifact: a model that did not opt in to remote code ships none."""
-    for path in sorted(output.rglob("*.py")):
-        path.unlink()
-    for path in sorted(output.rglob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError):
-            continue
-        if isinstance(data, dict) and "auto_map" in data:
-            del data["auto_map"]
-            path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def _check_frozen(target: Target, locked: LockEntry | None, plan: Plan) -> None:

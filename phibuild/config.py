@@ -27,9 +27,6 @@ Every key is optional::
     repo = "me/{target}"                            # {target}, {model}, {precision}, {backend}
     private = true                                  # the token is HF_TOKEN's
 
-    [tool.phibuild.key_packages]                    # more distributions a backend's key should cover
-    onnx = ["accelerate"]
-
     [tool.phibuild.model.my-phi]                    # a model of your own (added to the default models)
     path = "checkpoints/my-phi"                     # a local directory...
     # repo = "me/my-phi"  revision = "main"         # ...or a Hugging Face repo
@@ -199,19 +196,6 @@ def _repo_pattern(value: Any, where: str) -> str:
     return value
 
 
-def _key_packages(value: Any, where: str) -> dict[str, list[str]]:
-    """``[key_packages]``: per known backend, distribution names, spelled as PEP 503 does (``Accelerate`` and
-    ``accelerate`` are one distribution; whether it is installed is checked when the key is computed)."""
-    from packaging.utils import canonicalize_name
-
-    checked = {}
-    for backend_name, names in v.table_of(v.text, v.text_list)(value, where).items():
-        _known(backend_name, list(backends.MODULES), "backend", where)
-        canonical = [v.distribution(str(canonicalize_name(name)), f"{where}.{backend_name}") for name in names]
-        checked[backend_name] = sorted(set(canonical))
-    return checked
-
-
 def _trusted_keys(value: Any, where: str) -> list[PublicKey]:
     """``trusted_keys``: public keys, each name once (a card's "signed by NAME" must say which key signed)."""
     keys = [PublicKey.from_text(text, f"{where}[{index}]") for index, text in enumerate(v.text_list(value, where))]
@@ -239,7 +223,6 @@ FIELDS = {
     "remote_timeout": v.Field(v.seconds, required=False),
     "remote_transfer_timeout": v.Field(v.seconds, required=False),
     "trusted_keys": v.Field(lambda value, where: _trusted_keys(value, where), required=False),
-    "key_packages": v.Field(_key_packages, required=False),
     "publish": v.Field(lambda value, where: v.fields(value, PUBLISH_FIELDS, where), required=False),
     "eval_text": v.Field(_path, required=False),
     "eval_windows": v.Field(_positive, required=False),
@@ -268,7 +251,6 @@ class Config:
     release: list[str] | None = None  # None: every artifact in the lock
     release_dir: Path = Path("release")
     report_dir: Path = Path("report")
-    key_packages: dict[str, list[str]] = field(default_factory=dict)
     publish: dict[str, Any] = field(default_factory=dict)  # repo pattern, private
     eval_text: Path | None = None  # None: the evaluation text shipped with phibuild
     eval_windows: int = 2

@@ -19,34 +19,28 @@ their figures agree between machines within their standard error, not to the bit
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from . import build, reading
-from .backends import SMOKE_IMAGE, SMOKE_QUESTION, TRANSFORMERS_OPTIONAL, CannotRun, Job, console_kept, platform_tag
+from .backends import SMOKE_IMAGE, SMOKE_QUESTION, Job, platform_tag
 from .catalog import VISION_ARCHITECTURES
-from .environment import covered_only
 from .errors import BuildError, ConfigError, DamageError, LockError
 from .hashing import digest_json, hash_file
-from .project import Plan, Project, Target, frozen
+from .measuring import METRICS
+from .project import Plan, Project, Target, frozen, toolchain
 from .records import MEASUREMENT, REFERENCE, Fidelity, KeyParts
 from .status import status as artifact_status
+from .toolchains import declare, worker
 
 log = logging.getLogger(__name__)
 
-EXTRA = "fidelity"  # the pip extra the reference is computed with: its closure is the reference's toolchain
+TOOLCHAIN = "fidelity"  # the toolchain the reference is computed in
 REFERENCE_RECIPE = "1"  # bump when the reference is computed differently
 RECIPE = "2"  # bump when a measurement is made differently (2: decode speed, the per-position curve locked)
-BUCKETS = 16  # the per-position view: mean KL over this many equal spans of a window's positions
-DECODE_PROMPT = 64  # decode speed: greedy tokens generated one at a time after a prompt of this many tokens
-DECODE_TOKENS = 32
 REFERENCE_FILES = ("tokens.npy", "logprobs.npy")
-METRICS = "metrics.json"
 
 
 @dataclass(frozen=True)
@@ -77,7 +71,7 @@ def measure(project: Project, target: Target) -> Measured:
         raise BuildError(f"{target.name}: artifact {locked.key} is not in the store; `doit quantize:{target.name}` "
                          "restores or builds it")
     ref_entry, _ = build.obtain(project, reference, f"{target.model.name}-reference", None,
-                                lambda output: _make_reference(project, plan, reference, output))
+                                lambda output: _make_reference(project, plan, output))
     parts = measurement_parts(project, plan, reference.key)
     job = Job(artifact.artifact, artifact.artifact, target.precision, dict(target.params),
               trust_remote_code=target.model.trust_remote_code, vision=vision(project, plan))
@@ -181,15 +175,10 @@ def reference_parts(project: Project, plan: Plan) -> KeyParts:
     """The key components of the reference for ``plan``'s source model."""
     text, windows, length = project.config.eval_settings()
     digest = digest_json(eval_text(text))
-    try:
-        toolchain = project.environment.toolchain(REFERENCE, EXTRA, TRANSFORMERS_OPTIONAL)
-    except LookupError as exc:
-        raise ConfigError(f"the fidelity reference needs {exc}, which is not installed: "
-                          f"pip install 'phibuild[{EXTRA}]'") from None
     params = {"eval_text": digest, "windows": windows, "length": length}
     if vision(project, plan):  # the text follows the image prompt
         params.update(image=hash_file(SMOKE_IMAGE).xxh3_128, question=SMOKE_QUESTION)
-    return KeyParts(plan.parts.source, REFERENCE, toolchain, REFERENCE, params, REFERENCE_RECIPE,
+    return KeyParts(plan.parts.source, REFERENCE, toolchain(REFERENCE, TOOLCHAIN), REFERENCE, params, REFERENCE_RECIPE,
                     {"platform": platform_tag()}, plan.parts.trust_remote_code)
 
 
@@ -197,39 +186,23 @@ def measurement_parts(project: Project, plan: Plan, reference: str) -> KeyParts:
     """The key components of a measurement: the artifact's key stands for its source."""
     backend = plan.target.backend
     return KeyParts(plan.key, backend.name, plan.parts.toolchain, MEASUREMENT, {"reference": reference}, RECIPE,
-                    {"platform": platform_tag(), **backend.runtime_machine()}, plan.parts.trust_remote_code)
+                    {"platform": platform_tag(), **backend.runtime_machine(project.facts(backend))},
+                    plan.parts.trust_remote_code)
 
 
-def _make_reference(project: Project, plan: Plan, parts: KeyParts, output: Path) -> build.Made:
-    """transformers' float32 log-probabilities over the evaluation windows, and the windows' token ids."""
-    import numpy as np
-
+def _make_reference(project: Project, plan: Plan, output: Path) -> build.Made:
+    """transformers' float32 log-probabilities over the evaluation windows, and the windows' token ids, computed
+    in the fidelity toolchain's worker (``measuring.reference``)."""
     plan = project.fetched(plan)
     text, windows, length = project.config.eval_settings()
     label = f"{plan.target.model.name}-reference"
     log.info("computing the fidelity reference of %s in float32 transformers (%d windows of %d tokens)",
              plan.target.model.name, windows, length)
-    with covered_only(parts.toolchain, label, EXTRA), console_kept(f"{label}: the reference failed"):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        source, remote = str(plan.source.directory), plan.target.model.trust_remote_code
-        ids = AutoTokenizer.from_pretrained(source, trust_remote_code=remote)(
-            eval_text(text), add_special_tokens=False)["input_ids"]
-        needed = windows * (length + 1)
-        if len(ids) < needed:
-            raise ConfigError(f"the evaluation text {text} is {len(ids)} tokens long for {plan.target.model.name}; "
-                              f"{windows} windows of {length} need {needed}")
-        tokens = np.array(ids[:needed], dtype=np.int32).reshape(windows, length + 1)
-        if vision(project, plan):
-            logits = _after_image_prompt(source, remote, tokens[:, :-1])
-        else:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=remote)
-            with torch.no_grad():
-                logits = model(torch.from_numpy(tokens[:, :-1]).long()).logits
-        logprobs = torch.log_softmax(logits.double(), dim=-1).float().numpy()
-    np.save(output / "tokens.npy", tokens)
-    np.save(output / "logprobs.npy", logprobs)
+    failure = f"{label}: the reference failed"
+    worker.run(declare.locked(TOOLCHAIN), [{
+        "verb": "reference", "failure": failure, "source": str(plan.source.directory),
+        "trust_remote_code": plan.target.model.trust_remote_code, "text": str(text), "windows": windows,
+        "length": length, "vision": vision(project, plan), "output": str(output)}], failure)
     return build.Made()
 
 
@@ -246,88 +219,15 @@ def vision(project: Project, plan: Plan) -> bool:
     return project.architecture(plan.target.model) in VISION_ARCHITECTURES
 
 
-def _after_image_prompt(source: str, remote: bool, windows: Any) -> Any:
-    """Logits of each window's tokens following the image prompt (``backends.image_prompt``), [windows, length,
-    vocab]. Eager attention: with SDPA, transformers 5.5's Phi-4-multimodal vision encoder runs causally on a
-    crop without padding (its attention is marked causal and an all-ones mask is dropped), which no runtime does."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoProcessor
-
-    from .backends import image_prompt
-
-    prompt = image_prompt.inputs(AutoProcessor.from_pretrained(source, trust_remote_code=remote))
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=remote,
-                                                 attn_implementation="eager")
-    start = prompt["input_ids"].shape[1]
-    with torch.no_grad():
-        return torch.stack([model(**image_prompt.followed_by(prompt, window)).logits[0, start:]
-                            for window in windows.tolist()])
-
-
 def _make_measurement(plan: Plan, job: Job, reference: Path, output: Path) -> build.Made:
-    """The runtime's logits for the reference's windows, compared with it, and its decoding speed: metrics.json."""
-    import numpy as np
-
+    """The runtime's logits for the reference's windows, compared with it, and its decoding speed: metrics.json,
+    measured in the artifact's toolchain's worker (``measuring.measure``)."""
     target = plan.target
-    label = f"{target.name}-fidelity"
-    tokens = np.load(reference / "tokens.npy")
-    logprobs = np.load(reference / "logprobs.npy", mmap_mode="r")
-    log.info("measuring the fidelity of %s in %s's runtime (%d tokens)", target.name, target.backend.title,
-             tokens[:, 1:].size)
-    with (covered_only(plan.parts.toolchain, label, target.backend.extra),
-          console_kept(f"{label}: {target.backend.title}'s runtime failed")):
-        try:
-            runtime = target.backend.runtime(job.output, job)
-        except CannotRun as exc:
-            metrics: dict[str, Any] = {"runtime": target.backend.title, "not_run": str(exc)}
-        else:
-            start, logits = time.perf_counter(), []
-            for window in tokens:
-                logits.append(runtime.logits([int(token) for token in window[:-1]]))
-            elapsed = time.perf_counter() - start
-            prompt = [int(token) for token in tokens[0, :DECODE_PROMPT]]
-            metrics = {"runtime": runtime.settings, **compare(logprobs, tokens, logits),
-                       "prefill_tps": tokens[:, 1:].size / elapsed,
-                       "decode_tps": runtime.decode(prompt, DECODE_TOKENS)}
-    (output / METRICS).write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+    log.info("measuring the fidelity of %s in %s's runtime", target.name, target.backend.title)
+    build.run(plan, [build.step("measure", plan, job, f"{target.name}-fidelity: {target.backend.title}'s runtime "
+                                "failed", artifact=str(job.output), reference=str(reference),
+                                output=str(output))])
     return build.Made()
-
-
-def compare(logprobs: Any, tokens: Any, logits: list[Any]) -> dict[str, Any]:
-    """Figures of an artifact's logits (one [length, vocab] array per window) against the reference's
-    log-probabilities ([windows, length, vocab]) on the windows' token ids ([windows, length + 1]).
-
-    The standard error treats positions as independent; neighbouring positions are not, so it is a lower bound.
-    """
-    import numpy as np
-
-    _, length, vocab = logprobs.shape
-    kl, agree, nll, nll_reference = [], [], [], []
-    for index, got in enumerate(logits):
-        if got.shape != (length, vocab):
-            raise BuildError(f"the runtime gave logits of shape {got.shape} for a window of {length} tokens over "
-                             f"a vocabulary of {vocab}")
-        p_log = np.asarray(logprobs[index], dtype=np.float64)
-        q = got.astype(np.float64)
-        peak = q.max(axis=-1, keepdims=True)
-        q_log = q - peak - np.log(np.exp(q - peak).sum(axis=-1, keepdims=True))
-        kl.append(np.maximum((np.exp(p_log) * (p_log - q_log)).sum(axis=-1), 0.0))
-        agree.append(p_log.argmax(axis=-1) == q_log.argmax(axis=-1))
-        following = tokens[index, 1:]
-        nll.append(-q_log[np.arange(length), following])
-        nll_reference.append(-p_log[np.arange(length), following])
-    kl_all, quarter = np.stack(kl), max(1, length // 4)
-    return {
-        "tokens": int(kl_all.size),
-        "kl": float(kl_all.mean()),
-        "kl_se": float(kl_all.std() / math.sqrt(kl_all.size)),
-        "kl_early": float(kl_all[:, :quarter].mean()),
-        "kl_late": float(kl_all[:, -quarter:].mean()),
-        "kl_by_position": [float(span.mean()) for span in np.array_split(kl_all, min(BUCKETS, length), axis=1)],
-        "top1": float(np.stack(agree).mean()),
-        "ppl": float(np.exp(np.stack(nll).mean())),
-        "ppl_reference": float(np.exp(np.stack(nll_reference).mean())),
-    }
 
 
 def _digits(value: float) -> float:

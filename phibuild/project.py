@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,14 @@ from . import backends, signing, sources
 from .backends import Backend
 from .catalog import VISION_ARCHITECTURES, ModelSpec
 from .config import Config, load, switch
-from .environment import Environment
 from .errors import ConfigError, PhibuildError, SourceError, UnsupportedError
 from .hashing import digest_json
 from .lockfile import Lockfile
 from .records import KeyParts, Toolchain
 from .remote import NoRemote, Remote
 from .store import Store
+from .toolchains import declare
+from .toolchains.facts import facts
 
 FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
 RECIPE = 2  # bump when phibuild's own pipeline changes what any backend produces
@@ -107,7 +109,6 @@ class Project:
         self.remote = (Remote(config.remote, config.remote_options, config.remote_timeout,
                               config.remote_transfer_timeout, config.trusted_keys, signing.from_environment())
                        if config.remote else NoRemote())
-        self.environment = Environment(self.store.root / "toolchains.json")
         self._targets: tuple[list[Target], list[LeftOut], list[str]] | None = None
         self._toolchains: dict[str, Toolchain] = {}
 
@@ -135,10 +136,10 @@ class Project:
         architectures = {name: self.architecture(self.config.model(name)) for name in self.config.models}
         for backend_name in self.config.backends:
             backend = backends.get(backend_name)
-            missing = self.environment.missing(backend.extra)
-            if missing:
-                uninstalled.append(f"{backend_name} (pip install 'phibuild[{backend.extra}]'; missing "
-                                   f"{', '.join(missing)})")
+            try:
+                declare.locked(backend.toolchain)
+            except ConfigError as exc:
+                uninstalled.append(f"{backend_name} ({exc})")
                 continue
             for model_name in self.config.models:
                 model, arch = self.config.model(model_name), architectures[model_name]
@@ -188,21 +189,13 @@ class Project:
     # -- keys ------------------------------------------------------------------------------------
 
     def toolchain(self, backend: Backend) -> Toolchain:
-        """What ``backend`` builds with, as its key records it."""
-        if backend.name not in self._toolchains:
-            asked = self.config.key_packages.get(backend.name, [])
-            absent = self.environment.uninstalled(asked)
-            if absent:
-                raise ConfigError(f"[tool.phibuild.key_packages] {backend.name} names {', '.join(absent)}, which is "
-                                  "not installed: a key cannot cover what is not there (check the spelling)")
-            try:
-                optional = backend.optional_imports + tuple(asked)
-                toolchain = self.environment.toolchain(backend.name, backend.extra, optional)
-            except LookupError as exc:
-                raise ConfigError(f"backend {backend.name} ({backend.title}) needs {exc}, which is not installed: "
-                                  f"pip install 'phibuild[{backend.extra}]'") from None
-            self._toolchains[backend.name] = toolchain
-        return self._toolchains[backend.name]
+        """What ``backend`` builds with, as its key records it: its toolchain's lock."""
+        return toolchain(backend.name, backend.toolchain)
+
+    @staticmethod
+    def facts(backend: Backend) -> Callable[[], dict[str, str]]:
+        """``backend``'s facts about its toolchain's environment, found when first asked (which makes it)."""
+        return lambda: facts(declare.locked(backend.toolchain), backend.name)
 
     def plan(self, target: Target, fetch: bool = False) -> Plan:
         """The target's cache key. A hub model pinned in the lock is not downloaded unless ``fetch``."""
@@ -222,7 +215,7 @@ class Project:
             digest = source.digest
         backend = target.backend
         parts = KeyParts(digest, backend.name, self.toolchain(backend), target.precision, dict(target.params),
-                         f"{RECIPE}.{backend.recipe}", backend.machine(self.environment, target.params),
+                         f"{RECIPE}.{backend.recipe}", backend.machine(self.facts(backend), target.params),
                          model.trust_remote_code)
         return Plan(target, parts, revision, source)
 
@@ -251,3 +244,9 @@ class Project:
         if model.repo:
             return f"hf:{model.repo}" + (f"@{model.revision}" if model.revision else "")
         return f"path:{self.shown(model.path)}"
+
+
+def toolchain(backend: str, name: str) -> Toolchain:
+    """The key's record of toolchain ``name`` (used by ``backend``): its lock's digest and packages."""
+    locked = declare.locked(name)
+    return Toolchain(backend, declare.python_tag(), locked.packages, locked.digest)

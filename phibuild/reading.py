@@ -36,6 +36,9 @@ LIMITS = {
     "release sums": 16 * MiB,
     "measurement": 4 * MiB,
     "key": 64 * KiB,
+    "toolchain lock": 4 * MiB,
+    "worker result": 64 * MiB,
+    "pip configuration": 1 * MiB,
 }
 CHUNK = 1024 * 1024
 MAX_DEPTH = 32  # phibuild's records nest 5 deep, a model's config.json about 4

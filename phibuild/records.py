@@ -28,7 +28,8 @@ def _files(value: Any, where: str) -> dict[str, FileDigest]:
 
 
 FILES = _files
-PYTHON = re.compile(r"[a-z]+-[0-9]+\.[0-9]+\Z")  # environment.python(): "cpython-3.11"
+PYTHON = re.compile(r"[a-z]+-[0-9]+\.[0-9]+\Z")  # toolchains.declare.python_tag(): "cpython-3.11"
+SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 INTERMEDIATE = "intermediate"  # the precision of a backend's shared first step
 REFERENCE = "reference"  # the precision of a source model's reference logits (fidelity.py)
 MEASUREMENT = "fidelity"  # the precision of an artifact's fidelity measurement (fidelity.py)
@@ -45,14 +46,17 @@ def differing_files(one: dict[str, FileDigest], other: dict[str, FileDigest]) ->
 
 @dataclass(frozen=True)
 class Toolchain:
-    """The software a backend builds with: the interpreter and every distribution its extra pulls in."""
+    """The software a backend builds with: its toolchain lock's digest, the interpreter and every distribution
+    the lock installs."""
 
     backend: str
     python: str
     packages: dict[str, str]  # distribution -> exact version
+    lock: str = ""  # sha256 of the toolchain's lock file; none in locks written before toolchains had their own
 
     TABLE = {"backend": v.Field(v.name), "python": v.Field(lambda value, where: v.pattern(PYTHON, value, where)),
-             "packages": v.Field(v.table_of(v.distribution, v.version))}
+             "packages": v.Field(v.table_of(v.distribution, v.version)),
+             "lock": v.Field(lambda value, where: v.pattern(SHA256, value, where), required=False)}
 
     @property
     def id(self) -> str:
@@ -65,11 +69,13 @@ class Toolchain:
         return cls(**v.fields(data, cls.TABLE, where))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"backend": self.backend, "python": self.python, "packages": dict(sorted(self.packages.items()))}
+        lock = {"lock": self.lock} if self.lock else {}
+        return {"backend": self.backend, "python": self.python, **lock, "packages": dict(sorted(self.packages.items()))}
 
     def differences(self, other: Toolchain) -> list[str]:
         """``name old -> new`` for each package (and the interpreter) that differs from ``other``."""
-        old, new = {"python": other.python, **other.packages}, {"python": self.python, **self.packages}
+        old = {"python": other.python, "lock": other.lock[:12] or "(none)", **other.packages}
+        new = {"python": self.python, "lock": self.lock[:12] or "(none)", **self.packages}
         return [f"{name} {old.get(name, '(none)')} -> {new.get(name, '(none)')}"
                 for name in sorted(old.keys() | new.keys()) if old.get(name) != new.get(name)]
 

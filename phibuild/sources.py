@@ -14,12 +14,14 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import reading, validate
 from .catalog import CODE_PATTERNS, SOURCE_PATTERNS, ModelSpec
 from .errors import SourceError, file_system_error
-from .hashing import StatCache, digest_tree
+
+if TYPE_CHECKING:  # hashing needs xxhash, which a toolchain's worker (reading model files here) does not have
+    from .hashing import StatCache
 
 MAX_DEPTH = 1  # a model's files lie at its top, its adapters one directory down
 MAX_FILES = 10_000  # entries looked at in a model directory before it is taken for something else
@@ -40,6 +42,8 @@ class Source:
 
     @property
     def digest(self) -> str:
+        from .hashing import digest_tree
+
         return digest_tree(self.files)
 
 

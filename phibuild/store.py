@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import fnmatch
 import json
 import logging
@@ -36,11 +35,11 @@ from pathlib import Path
 from . import reading, validate
 from .errors import BuildError, ConfigError, DamageError, LockError
 from .hashing import FileDigest, StatCache, digest_json, hash_file
+from .linking import link_file
 from .records import Manifest, differing_files
 
 log = logging.getLogger(__name__)
 
-FICLONE = 0x40049409  # linux/fs.h: share extents with another file (btrfs, xfs, ...)
 STAGING = ".phibuild-"  # in the names of half-made trees and files beside their final place
 STAGED = re.compile(r"\..+\.phibuild-([0-9]+)-[0-9a-f]{8}\Z")  # staging_name's, exactly: nothing else is swept
 BUILDING = re.compile(r"([0-9]+)-[0-9a-f]{8}\Z")  # Store.building's directories in tmp/
@@ -522,25 +521,6 @@ def sweep(directory: Path) -> None:
                     shutil.rmtree(path)
                 else:
                     path.unlink()
-
-
-def link_file(source: Path, target: Path, hardlink: bool = True) -> str:
-    """Show ``source`` at ``target`` by reflink, else hardlink (if allowed), else a read-only copy; says which."""
-    try:
-        with open(source, "rb") as src, open(target, "wb") as dst:
-            fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
-        return "reflink"
-    except OSError:
-        target.unlink(missing_ok=True)
-    if hardlink:
-        try:
-            os.link(source, target)
-            return "hardlink"
-        except OSError:
-            pass
-    shutil.copy2(source, target)
-    target.chmod(0o444)
-    return "copy"
 
 
 def _alive(pid: int) -> bool:

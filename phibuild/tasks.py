@@ -1,13 +1,13 @@
 """doit tasks, as plain task dictionaries: one ``quantize:<model>-<precision>-<backend>`` per target, one
 ``fidelity:<target>`` measuring it against its source (after quantizing it), ``report`` showing what was
-measured, and ``verify``, ``reproduce:<target>``, ``release``, ``gc``, ``assemble`` and ``constraints`` over what
-artifacts.lock pins.
+measured, and ``verify``, ``reproduce:<target>``, ``release``, ``gc``, ``assemble`` over what artifacts.lock pins, and
+``toolchains``, which makes the toolchains' environments ahead of time.
 
 Use from a ``dodo.py``::
 
     from phibuild.tasks import (  # noqa: F401
-        dodo_config, task_assemble, task_constraints, task_fidelity, task_gc, task_publish, task_quantize,
-        task_release, task_report, task_reproduce, task_verify,
+        dodo_config, task_assemble, task_fidelity, task_gc, task_publish, task_quantize, task_release,
+        task_report, task_reproduce, task_toolchains, task_verify,
     )
 
     DOIT_CONFIG = dodo_config()
@@ -26,7 +26,6 @@ import contextlib
 import functools
 import logging
 import os
-import shlex
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,17 +33,16 @@ from pathlib import Path
 from doit import task_params
 from doit.exceptions import InvalidTask, TaskFailed
 
-from . import assemble, build, doit_config, fidelity, gc, publish, reading, release, report, status, verify
+from . import assemble, backends, build, doit_config, fidelity, gc, publish, release, report, status, verify
 from .backends import platform_tag
-from .environment import constraints
 from .errors import PhibuildError, file_system_error
 from .lockfile import Lockfile
 from .project import LeftOut, Project, Target, frozen, left_out_summary
 from .records import Smoke
-from .store import files_under, remove_made, sweep, write_file
+from .store import files_under, remove_made, sweep
+from .toolchains import declare, environment, lock, worker
 
 log = logging.getLogger("phibuild")
-CONSTRAINTS = "constraints.txt"
 _projects: dict[tuple[int, Path], Project] = {}
 
 
@@ -196,34 +194,23 @@ def quantize_tasks(root: Path | None = None) -> Iterator[dict]:
 
 
 def _check_environment(proj: Project, found: list[Target]) -> None:
-    """Say once, before any task runs, when the installed toolchains are not the ones the lock was built with
-    (and fail in frozen mode): every target of those backends would be stale for that reason alone."""
+    """Say once, before any task runs, when this phibuild's toolchain locks are not the ones artifacts.lock was
+    built with (and fail in frozen mode): every target of those backends would be stale for that reason alone."""
     backends = {target.backend.name: target.backend for target in found}
-    differing: dict[str, set[str]] = {}  # backend -> "name installed (lock: version)"
-    wanted: set[str] = set()  # name==version, as the lock has it
+    differing: dict[str, set[str]] = {}  # backend -> "name lock-version -> this version"
     for entry in proj.lock.read().artifacts.values():
         backend = backends.get(entry.parts.backend)
         if backend is None or entry.parts.machine.get("platform") != platform_tag():
             continue
-        installed, recorded = proj.toolchain(backend), entry.parts.toolchain
-        have, want = {"python": installed.python, **installed.packages}, {"python": recorded.python,
-                                                                             **recorded.packages}
-        for name in sorted(have.keys() | want.keys()):
-            if have.get(name) != want.get(name):
-                differing.setdefault(backend.name, set()).add(
-                    f"{name} {have.get(name, '(not installed)')} (lock: {want.get(name, '(none)')})")
-                if name != "python" and name in want:
-                    wanted.add(f"{name}=={want[name]}")
+        changes = proj.toolchain(backend).differences(entry.parts.toolchain)
+        if changes:
+            differing.setdefault(backend.name, set()).update(changes)
     if not differing:
         return
     found_text = "; ".join(f"{name}: {', '.join(sorted(changes))}" for name, changes in sorted(differing.items()))
-    fix = f"pip install {' '.join(shlex.quote(pin) for pin in sorted(wanted))}" if wanted else (
-        "install the Python version the lock names")
-    if (proj.root / CONSTRAINTS).is_file():
-        fix += f" (or: pip install -c {CONSTRAINTS} -e '.[all]')"
-    message = (f"the installed packages differ from those artifacts.lock was built with: {found_text}. Every target "
-               f"of {', '.join(sorted(differing))} is stale for that reason alone. To install the lock's versions: "
-               f"{fix}")
+    message = (f"this phibuild's toolchain locks differ from those artifacts.lock was built with ({found_text}): "
+               f"every target of {', '.join(sorted(differing))} is stale for that reason alone. Install the "
+               "phibuild the lock was built with, or build again and commit the lock")
     if frozen():
         raise PhibuildError(message + "; PHIBUILD_FROZEN is set")
     log.warning("%s", message)
@@ -393,7 +380,8 @@ def _publish(root: str) -> None:
 
 
 def task_gc() -> dict:
-    """List store entries artifacts.lock does not reference (`doit gc --delete` removes them)."""
+    """List store entries artifacts.lock does not reference, and toolchain environments this phibuild's locks do
+    not name (`doit gc --delete` removes them)."""
     proj, _, _ = _loaded()
     return {"actions": [(_gc, [str(proj.root)])], "verbosity": 2,
             "params": [{"name": "delete", "long": "delete", "type": bool, "default": False,
@@ -412,6 +400,16 @@ def _gc(root: str, delete: bool) -> None:
     total = sum(item.size for item in found) / 2**20
     verb = "removed" if delete else "can be removed (doit gc --delete)"
     log.info("gc: %d unreferenced entries, %.1f MiB %s", len(found), total, verb)
+    current = set()
+    for name in declare.NAMES:
+        with contextlib.suppress(PhibuildError):  # a toolchain without a lock here has no environment to keep
+            current.add(declare.locked(name).environment_name)
+    for place in [*environment.made(), *environment.leftovers()]:
+        if place.name not in current:
+            log.info("gc: %s toolchain environment %s (%s)", "removing" if delete else "would remove", place,
+                     environment.size(place))
+            if delete:
+                environment.remove(place)
 
 
 def task_assemble() -> dict:
@@ -437,37 +435,40 @@ def _assemble(root: str, slices: str) -> TaskFailed | None:
     return None
 
 
-def task_constraints() -> dict:
-    """Write constraints.txt: the exact versions of this environment, which built artifacts.lock."""
+def task_toolchains() -> dict:
+    """Make and check the environments of the toolchains the project uses, ahead of time (CI caches, offline
+    machines); `--upgrade NAME` resolves that toolchain's locks again from its declaration."""
     proj, _, _ = _loaded()
-    return {"actions": [(_constraints, [str(proj.root)])], "verbosity": 2,
-            "params": [{"name": "extras", "long": "extras", "type": str, "default": "all,s3,test",
-                        "help": "the phibuild extras whose requirements to pin"}]}
+    return {"actions": [(_toolchains, [str(proj.root)])], "verbosity": 2,
+            "params": [{"name": "upgrade", "long": "upgrade", "type": str, "default": "",
+                        "help": "a toolchain whose locks to resolve again, at the newest versions its "
+                                "requirements.in allows (" + ", ".join(declare.NAMES) + ")"}]}
 
 
 @_action
-def _constraints(root: str, extras: str) -> None:
+def _toolchains(root: str, upgrade: str) -> TaskFailed | None:
     proj = project(Path(root))
-    path = proj.root / CONSTRAINTS
-    here = f"sys_platform == \"{sys.platform}\" and platform_machine == \"{os.uname().machine}\""
-    kept = []
-    if path.exists():  # other platforms' pins stay as they are
-        try:
-            text = reading.read_text(path, "settings")
-        except reading.Unreadable as exc:
-            raise PhibuildError(f"{exc}; restore it from git") from None
-        kept = [line for line in text.splitlines() if line and not line.startswith("#") and not line.endswith(here)]
-    try:
-        pins = constraints(tuple(name.strip() for name in extras.split(",") if name.strip()), here)
-    except LookupError as exc:
-        raise PhibuildError(f"cannot write {CONSTRAINTS}: {exc} is not installed") from None
-    except ValueError as exc:
-        raise PhibuildError(f"--extras {extras!r}: {exc}") from None
-    header = ("# constraints.txt: the exact versions artifacts.lock was built with, per platform; written by\n"
-              "# `doit constraints` in the environment that built the lock. Install through it:\n"
-              "#   pip install -c constraints.txt -e \".[all]\"\n")
-    write_file(path, header + "\n".join(sorted(kept + pins)) + "\n")
-    log.info("wrote %s: %d pins for %s", CONSTRAINTS, len(pins), platform_tag())
+    if upgrade:
+        if upgrade not in declare.NAMES:
+            return TaskFailed(f"phibuild: --upgrade {upgrade!r}: phibuild has the toolchains "
+                              f"{', '.join(declare.NAMES)}")
+        written = lock.upgrade(upgrade)
+        return None if written else TaskFailed(f"phibuild: no lock of {upgrade} could be resolved")
+    names = sorted({backends.get(name).toolchain for name in proj.config.backends} | {fidelity.TOOLCHAIN})
+    for name in names:
+        locked = declare.locked(name)
+        place = environment.ensure(locked)
+        installed = worker.call(environment.python(place), [{"verb": "versions", "failure": f"checking {place}"}],
+                                f"checking the {name} toolchain")[0]
+        extra = sorted(set(installed) - set(locked.packages) - {"pip"})
+        changed = sorted(name for name, version in locked.packages.items() if installed.get(name) != version)
+        if extra or changed:
+            return TaskFailed(f"phibuild: the {name} toolchain in {place} is not what its lock says (changed: "
+                              f"{', '.join(changed) or 'none'}; not in the lock: {', '.join(extra) or 'none'}): "
+                              f"remove it (rm -r {place}) and run doit toolchains again")
+        log.info("toolchain %s: %s, %d packages as locked, %s", name, place, len(locked.packages),
+                 environment.size(place))
+    return None
 
 
 def run(root: Path, *args: str) -> int:

@@ -25,9 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-# The suite writes nothing outside its temporary directories: the toolchains' caches and telemetry (ONNX Runtime's
-# event database under ~/.cache, OpenVINO's ~/intel) go to a home of its own, removed at the end, and ONNX Runtime
-# is told not to collect events at all. Set before any toolchain is imported, and inherited by subprocesses.
+# The suite writes nothing outside its temporary directories but the toolchains' environments, which it shares
+# with every project on the machine (made on first use, reused by later runs) and uv's cache they come from. The
+# toolchains' caches and telemetry (ONNX Runtime's event database under ~/.cache, OpenVINO's ~/intel) go to a
+# home of its own, removed at the end, and ONNX Runtime is told not to collect events at all. Set before any
+# toolchain is imported, and inherited by subprocesses.
+_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+os.environ.setdefault("PHIBUILD_TOOLCHAINS", str(_CACHE / "phibuild" / "toolchains"))
+os.environ.setdefault("UV_CACHE_DIR", str(_CACHE / "uv"))
 HOME = tempfile.mkdtemp(prefix="phibuild-tests-home-")
 os.environ["HOME"] = HOME
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import Run, run_doit, write_project
 
-from phibuild import fidelity, report
+from phibuild import fidelity, measuring, report
 from phibuild.backends import MODULES
 from phibuild.errors import ConfigError, LockError
 from phibuild.lockfile import Lockfile
@@ -55,7 +55,7 @@ def test_every_artifact_is_measured_against_its_source(measured):
             assert 1e-4 < record.kl < 0.05 and record.top1 > 0.8, (name, record)
         assert record.kl_se < record.kl
         assert record.prefill_tps > 0 and record.decode_tps > 0, name
-        assert len(record.kl_by_position) == fidelity.BUCKETS
+        assert len(record.kl_by_position) == measuring.BUCKETS
         assert min(record.kl_by_position) <= record.kl <= max(record.kl_by_position), name
     # one reference per source model, shared by its artifacts
     assert len({record.reference for record in found.values()}) == len(MODELS)
@@ -111,9 +111,9 @@ def test_compare_measures_what_it_says():
     logits = rng.normal(size=(2, 8, 5))
     logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     tokens = rng.integers(0, 5, size=(2, 9))
-    same = fidelity.compare(logprobs, tokens, [row + 3.0 for row in logits])  # softmax ignores a shift
+    same = measuring.compare(logprobs, tokens, [row + 3.0 for row in logits])  # softmax ignores a shift
     assert same["kl"] < 1e-12 and same["top1"] == 1.0 and same["ppl"] == pytest.approx(same["ppl_reference"])
-    flat = fidelity.compare(logprobs, tokens, [np.zeros_like(row) for row in logits])  # uniform: KL = log 5 - H
+    flat = measuring.compare(logprobs, tokens, [np.zeros_like(row) for row in logits])  # uniform: KL = log 5 - H
     entropy = -(np.exp(logprobs) * logprobs).sum(-1).mean()
     assert flat["kl"] == pytest.approx(np.log(5) - entropy, rel=1e-9)
     assert flat["ppl"] == pytest.approx(5.0)

@@ -718,9 +718,6 @@ def test_a_boolean_switch_takes_its_documented_values_and_refuses_the_rest(tmp_p
 @pytest.mark.parametrize(("text", "message"), [
     ("[tool.phibuid]\nmodels = []\n", "did you mean [tool.phibuild]"),
     ("[tool.PHIBUILD]\nmodels = []\n", "did you mean [tool.phibuild]"),
-    ("[tool.phibuild.key_packages]\nonx = [\"numpy\"]\n", "'onx' is not a backend"),
-    ("[tool.phibuild.key_packages]\nonnx = [\"no-such-dist-anywhere\"]\n", "not installed"),
-    ("[tool.phibuild.key_packages]\nonnx = [\"numpy; rm -rf ~\"]\n", "is not a Python distribution name"),
     ("[tool.phibuild]\nrelease = [\"a-int4-onnx\", \"a-int4-onnx\"]\n", "more than once"),
     ("[tool.phibuild.publish]\nrepo = \"me/{target.__class__}\"\n", "it may use only"),
     ("[tool.phibuild.publish]\nrepo = \"me/{0}\"\n", "it may use only"),
@@ -734,19 +731,6 @@ def test_settings_are_read_strictly(tmp_path, text, message):
     run = run_doit(root, "quantize:phi3-tiny-int4-onnx")
     one_line(run)
     assert message in run.output, run.output
-
-
-@pytest.mark.parametrize(("args", "text", "message"), [
-    (["--extras", "alll"], None, "is not an extra of phibuild"),
-    ([], b"\xff\xfe", "is not UTF-8 text"),
-])
-def test_constraints_refuses_what_it_cannot_use_and_keeps_the_file(world, args, text, message):
-    one = world / "one"
-    (one / "constraints.txt").write_bytes(text if text is not None else (REPO / "constraints.txt").read_bytes())
-    before = (one / "constraints.txt").read_bytes()
-    run = run_doit(one, "constraints", *args)
-    one_line(run)
-    assert message in run.output and (one / "constraints.txt").read_bytes() == before
 
 
 def test_a_lock_in_a_directory_not_made_yet_is_written_there(tmp_path):
@@ -773,14 +757,6 @@ def test_a_manifest_naming_a_file_and_a_directory_alike_is_refused():
     with pytest.raises(Invalid, match="both as a file and as a directory"):
         FILES({"a": digest, "a/b": digest}, "its files")
     assert set(FILES({"a/b": digest, "a/c": digest, "ab": digest}, "its files")) == {"a/b", "a/c", "ab"}
-
-
-def test_key_packages_are_read_by_their_canonical_names(tmp_path):
-    from phibuild.config import load
-
-    root = write_project(tmp_path / "p", ["phi3-tiny"], ["onnx"], ["int4"],
-                         extra='[tool.phibuild.key_packages]\nonnx = ["NumPy", "numpy", "Typing_Extensions"]\n')
-    assert load(root).key_packages == {"onnx": ["numpy", "typing-extensions"]}
 
 
 def test_phibuild_remote_is_checked_as_the_setting_is(tmp_path, monkeypatch):

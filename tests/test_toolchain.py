@@ -1,124 +1,154 @@
-"""What a cache key says about the software that built an artifact: complete by mechanism, checked at every
-build, pinned for installs (constraints.txt), and comparable with a lock made on another machine."""
+"""Toolchains: each backend's software is an environment of its own, made from a committed, hashed lock and run
+as a worker process. What a key says about that software (the lock's digest), how environments are made
+(atomically, named by digest, from the places pip installs from), and how a worker fails (one message)."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 from conftest import REPO, lock_of, run_doit, write_project
 
 from phibuild.backends import MODULES, get, platform_tag
-from phibuild.environment import Environment, imports_outside
+from phibuild.errors import BuildError, ConfigError
 from phibuild.lockfile import Lockfile
 from phibuild.project import Project
+from phibuild.toolchains import declare, environment, pipconfig, worker
 
 
-def test_a_toolchain_is_the_closure_of_its_backends_extra(tmp_path):
-    environment = Environment()
-    toolchains = {name: environment.toolchain(name, get(name).extra, get(name).optional_imports) for name in MODULES}
-    assert {"openvino", "nncf", "optimum-intel", "openvino-tokenizers", "tiktoken", "transformers", "tokenizers",
-            "torch", "numpy"} <= set(toolchains["openvino"].packages)  # tiktoken: openvino-tokenizers[transformers]
-    onnx = set(toolchains["onnx"].packages)
-    assert {"onnxruntime-genai", "onnxruntime", "onnx-ir", "torch", "sympy", "jmespath"} <= onnx
-    assert {"llama-cpp-python", "gguf", "numpy", "sentencepiece"} <= set(toolchains["gguf"].packages)
-    assert {"mlx", "mlx-lm", "transformers", "tokenizers"} <= set(toolchains["mlx"].packages)
-    assert not {"openvino", "llama-cpp-python", "mlx"} & set(toolchains["onnx"].packages)
-    assert not {"torch", "transformers", "onnx"} & set(toolchains["gguf"].packages)
-    for toolchain in toolchains.values():
-        assert toolchain.python == f"cpython-{sys.version_info.major}.{sys.version_info.minor}"
-        assert "phibuild" not in toolchain.packages and "pytest" not in toolchain.packages
+def test_every_toolchain_has_a_hashed_lock_for_this_machine():
+    for name in declare.NAMES:
+        locked = declare.locked(name)
+        text = locked.path.read_text()
+        pins = re.findall(r"^[a-z0-9][a-z0-9._-]*==\S+", text, re.M)
+        assert len(pins) == len(locked.packages) > 0
+        hashed = re.findall(r"^[a-z0-9][a-z0-9._-]*==\S+[^\n]*\\\n(?:\s+--hash=sha256:[0-9a-f]{64}[ \\]*\n)+",
+                            text, re.M)
+        assert len(hashed) == len(pins), f"{name}: a package without its sha256"
+    packages = {name: set(declare.locked(name).packages) for name in declare.NAMES}
+    assert {"onnxruntime-genai", "onnxruntime", "onnx-ir", "torch", "transformers"} <= packages["onnx"]
+    assert {"llama-cpp-python", "gguf", "numpy"} <= packages["gguf"]
+    assert {"openvino", "nncf", "optimum-intel", "openvino-genai", "openvino-tokenizers"} <= packages["openvino"]
+    assert {"mlx", "mlx-lm", "transformers"} <= packages["mlx"]
+    assert not {"torch", "transformers", "onnx"} & packages["gguf"]  # each toolchain holds what it needs alone
+    assert not {"torch", "openvino", "onnxruntime"} & packages["mlx"]
+    for backend in MODULES:  # every backend names one
+        assert get(backend).toolchain in declare.NAMES
 
 
-BUILD_THAT_IMPORTS = """
-    import sys
-    from pathlib import Path
-    from phibuild import tasks
-    from phibuild.backends.gguf import GgufBackend
-
-    real = GgufBackend.build_intermediate
-
-    def build_intermediate(self, job):
-        {import_}
-        real(self, job)
-
-    GgufBackend.build_intermediate = build_intermediate
-    sys.exit(tasks.run(Path({root!r})))
-"""
-OPTIONAL_IMPORT = """try:
-            import xmltodict  # noqa: F401
-            found = "found"
-        except ImportError:
-            found = "none"
-        Path({marker!r}).write_text(found)"""
+def test_the_key_names_the_toolchains_lock(tmp_path):
+    root = write_project(tmp_path, ["phi3-tiny"], ["onnx", "gguf"], ["int4"])
+    project = Project.load(root)
+    for target in project.targets()[0]:
+        toolchain = project.plan(target).parts.toolchain
+        locked = declare.locked(target.backend.toolchain)
+        assert toolchain.lock == locked.digest and toolchain.packages == locked.packages
+        assert toolchain.python == declare.python_tag()
 
 
-def build_importing(root, import_: str) -> subprocess.CompletedProcess:
-    """Build ``root`` in a fresh process (so that the import is new), the GGUF conversion running
-    ``import_`` first; xmltodict is installed, and nothing the gguf extra requires pulls it in."""
-    script = textwrap.dedent(BUILD_THAT_IMPORTS.format(import_=import_, root=str(root)))
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+def test_changing_one_toolchains_lock_makes_only_its_targets_stale(tmp_path, monkeypatch):
+    root = write_project(tmp_path, ["phi3-tiny"], ["mlx", "gguf"], ["int4"])
+    before = Project.load(root)
+    keys = {t.name: before.plan(t).key for t in before.targets()[0]}
+    old_parts = before.plan(before.target("phi3-tiny-int4-mlx")).parts
+    original = declare.locked
+    real = original("mlx")
+    edited = declare.Locked(real.name, real.path, "0" * 64, {**real.packages, "mlx-lm": "0.32.2"})
+    monkeypatch.setattr(declare, "locked", lambda name: edited if name == "mlx" else original(name))
+    project = Project.load(root)
+    after = {t.name: project.plan(t).key for t in project.targets()[0]}
+    assert after["phi3-tiny-int4-gguf"] == keys["phi3-tiny-int4-gguf"]
+    assert after["phi3-tiny-int4-mlx"] != keys["phi3-tiny-int4-mlx"]
+    changes = project.plan(project.target("phi3-tiny-int4-mlx")).parts.differences(old_parts)
+    assert f"versions: mlx-lm {real.packages['mlx-lm']} -> 0.32.2" in changes
 
 
-def test_a_build_that_needs_a_distribution_its_key_does_not_cover_fails_and_names_it(tmp_path):
-    root = write_project(tmp_path, ["phi3-tiny"], ["gguf"], ["fp16"])
-    run = build_importing(root, "import xmltodict  # noqa: F401")
-    assert run.returncode != 0, run.stdout + run.stderr
-    assert re.search(r"phi3-tiny-gguf-f16: the build needs xmltodict, which its cache key does not cover",
-                     run.stdout), run.stdout + run.stderr
-    assert "[tool.phibuild.key_packages] gguf = ['xmltodict']" in run.stdout
-    assert not (root / "artifacts.lock").exists()
-    assert not list((root / ".phibuild").glob("objects/*/*"))
+def test_a_lock_that_is_no_lock_is_one_line():
+    with pytest.raises(ConfigError, match="pins no package"):
+        declare.packages("# nothing here\n", "x.txt")
+    with pytest.raises(ConfigError, match="pins torch twice"):
+        declare.packages("torch==2.1 \\\ntorch==2.2 \\\n", "x.txt")
+    with pytest.raises(ConfigError, match="is not a PEP 440 version"):
+        declare.packages("torch==2.1;rm \\\n", "x.txt")
+    with pytest.raises(ConfigError, match="no toolchain"):
+        declare.locked("../../etc")
 
 
-@pytest.mark.parametrize("covered", [False, True], ids=["uncovered", "in-key_packages"])
-def test_an_optional_import_sees_only_what_the_key_covers(tmp_path, covered):
-    """What a toolchain would pick up because it happens to be installed (httpcore finds trio, tabulate
-    wcwidth) is hidden from the build, so the same key means the same software on every machine."""
-    extra = '[tool.phibuild.key_packages]\ngguf = ["xmltodict"]\n' if covered else ""
-    root = write_project(tmp_path, ["phi3-tiny"], ["gguf"], ["fp16"], extra=extra)
-    marker = tmp_path / "found"
-    run = build_importing(root, OPTIONAL_IMPORT.format(marker=str(marker)))
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert marker.read_text() == ("found" if covered else "none")
-    assert ("xmltodict" in lock_of(root)["phi3-tiny-fp16-gguf"]["versions"]) is covered
+def test_pips_configuration_reaches_uv(tmp_path):
+    home = tmp_path / "home"
+    (home / ".config" / "pip").mkdir(parents=True)
+    (home / ".config" / "pip" / "pip.conf").write_text(
+        "[global]\nindex-url = https://mirror.example/simple\nextra-index-url = file:///a file:///b\n"
+        "cert = /etc/ca.pem\n[install]\ntrusted-host = mirror.example\n")
+    config = pipconfig.read({"HOME": str(home), "XDG_CONFIG_DIRS": str(tmp_path / "none"),
+                             "PIP_FIND_LINKS": "/opt/w1 /opt/w2"})
+    args = config.uv_arguments()
+    assert args[args.index("--index-url") + 1] == "https://mirror.example/simple"
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--extra-index-url"] == ["file:///a", "file:///b"]
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--find-links"] == ["/opt/w1", "/opt/w2"]
+    assert "--allow-insecure-host" in args and "unsafe-best-match" in args
+    assert config.uv_environment() == {"SSL_CERT_FILE": "/etc/ca.pem"}
+    assert pipconfig.read({"HOME": str(home), "PIP_CONFIG_FILE": os.devnull}).uv_arguments() == [
+        "--index-strategy", "unsafe-best-match"]
 
 
-def test_the_check_after_a_build_names_an_import_that_slipped_past():
-    """The net behind the hiding (a namespace package shared with a covered distribution cannot be hidden)."""
-    toolchain = Environment().toolchain("gguf", get("gguf").extra)
-    before = {name for name in sys.modules if name.partition(".")[0] != "xmltodict"}
-    import xmltodict  # noqa: F401
-
-    assert "xmltodict" in imports_outside(before, toolchain)
-
-
-def test_the_toolchain_cache_holds_across_runs_that_change_the_project_directory(tmp_path, monkeypatch):
-    """A no-op must not re-read every distribution's metadata: doit puts the project directory on sys.path and
-    each run's .doit.db changes its mtime, which must not make the cached toolchains stale."""
-    from phibuild import environment
-
-    cache = tmp_path / ".phibuild" / "toolchains.json"
-    monkeypatch.syspath_prepend(str(tmp_path))
-    first = Environment(cache).toolchain("gguf", get("gguf").extra, ("xmltodict",))
-    (tmp_path / ".doit.db").write_text("a later run")
-
-    def walk(*args):
-        raise AssertionError("the toolchain was computed again")
-
-    monkeypatch.setattr(environment, "_walk", walk)
-    assert Environment(cache).toolchain("gguf", get("gguf").extra, ("xmltodict",)) == first
+def test_an_environment_is_made_once_atomically_and_named_by_its_lock(tmp_path, monkeypatch):
+    """The gguf toolchain made in an empty place (uv's cache makes it quick): complete when it appears, named by
+    the digest, reused; a stranger's directory under its name is never replaced."""
+    monkeypatch.setenv("PHIBUILD_TOOLCHAINS", str(tmp_path / "envs"))
+    locked = declare.locked("gguf")
+    place = environment.ensure(locked)
+    assert place == tmp_path / "envs" / locked.environment_name
+    assert json.loads((place / environment.MARK).read_text())["lock"] == locked.digest
+    assert [p.name for p in (tmp_path / "envs").iterdir() if not p.name.endswith(".lock")] == [place.name]
+    installed = worker.call(environment.python(place), [{"verb": "versions", "failure": "versions"}], "versions")[0]
+    assert {name: installed[name] for name in locked.packages} == locked.packages
+    assert environment.ensure(locked) == place
+    environment.remove(place)
+    stranger = tmp_path / "envs" / locked.environment_name
+    stranger.mkdir()
+    (stranger / "mine.txt").write_text("a user's")
+    with pytest.raises(BuildError, match="does not remove what it did not make"):
+        environment.ensure(locked)
+    with pytest.raises(BuildError, match="is not a phibuild toolchain environment"):
+        environment.remove(stranger)
+    assert (stranger / "mine.txt").read_text() == "a user's"
 
 
-def test_key_packages_extend_a_toolchain(tmp_path):
-    extended = write_project(tmp_path / "extended", ["phi3-tiny"], ["gguf"], ["fp16"],
-                             extra='[tool.phibuild.key_packages]\ngguf = ["xmltodict"]\n')
-    plain = write_project(tmp_path / "plain", ["phi3-tiny"], ["gguf"], ["fp16"])
-    assert "xmltodict" in Project.load(extended).toolchain(get("gguf")).packages
-    assert "xmltodict" not in Project.load(plain).toolchain(get("gguf")).packages
+def test_a_lock_the_index_cannot_satisfy_is_one_message_naming_the_package(tmp_path, monkeypatch):
+    monkeypatch.setenv("PHIBUILD_TOOLCHAINS", str(tmp_path / "envs"))
+    lock = tmp_path / "bad.txt"
+    lock.write_text("no-such-package-phibuild==9.9.9 \\\n    --hash=sha256:" + "0" * 64 + "\n")
+    locked = declare.Locked("gguf", lock, "1" * 64, {"no-such-package-phibuild": "9.9.9"})
+    with pytest.raises(BuildError, match="no-such-package-phibuild") as failed:
+        environment.ensure(locked)
+    assert "\n" not in str(failed.value)
+    assert not list((tmp_path / "envs").glob("gguf-*")), "a failed creation left an environment"
+
+
+def test_a_worker_killed_by_a_signal_is_one_message(tmp_path):
+    crashing = tmp_path / "python"
+    crashing.write_text("#!/bin/sh\necho 'the toolchain said this'\nkill -SEGV $$\n")
+    crashing.chmod(0o755)
+    with pytest.raises(BuildError, match=r"^x-int4-gguf: llama.cpp failed: the worker was killed by SIGSEGV"):
+        worker.call(crashing, [{"verb": "versions", "failure": "x"}], "x-int4-gguf: llama.cpp failed")
+
+
+def test_a_worker_sees_phibuild_and_its_toolchain_alone():
+    """Not the test's environment (pytest, doit, xxhash), not the checkout's directory."""
+    place = environment.ensure(declare.locked("gguf"))
+    probe = ("import importlib.util, sys, phibuild; print(phibuild.__file__); "
+             "print([m for m in ('pytest', 'doit', 'xxhash', 'tests', 'torch') if importlib.util.find_spec(m)])")
+    run = subprocess.run([str(environment.python(place)), "-I", "-c", worker.BOOTSTRAP.replace(
+        "from phibuild import work\nsys.exit(work.main(job))\n", probe), str(worker.PACKAGE), "unused"],
+        capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [str(worker.PACKAGE / "__init__.py"), "[]"]
 
 
 def test_the_gguf_key_carries_the_quantizer_fingerprint_where_the_quantizer_runs(tmp_path):
@@ -146,40 +176,65 @@ def test_reproduce_compares_with_a_lock_made_elsewhere_file_by_file(tmp_path):
     assert "locked " in other.output and "sha256 0000000000000000" in other.output
 
 
-def committed_constraints() -> dict[str, str]:
-    here = f'sys_platform == "{sys.platform}"'
-    pins = {}
-    for line in (REPO / "constraints.txt").read_text().splitlines():
-        if line.startswith("#") or not line.strip() or here not in line:
-            continue
-        name, version = line.split(";")[0].strip().split("==")
-        pins[name] = version
-    return pins
-
-
-def test_the_committed_constraints_pin_the_versions_the_committed_lock_records():
-    pins = committed_constraints()
-    for name, entry in Lockfile(REPO / "artifacts.lock").read().artifacts.items():
-        if entry.parts.machine["platform"] != platform_tag():
-            continue
-        wrong = {package: (version, pins.get(package)) for package, version in entry.parts.toolchain.packages.items()
-                 if pins.get(package) != version}
-        assert not wrong, f"{name}: constraints.txt does not pin {wrong}"
-
-
-def test_this_environment_is_the_one_the_constraints_describe(tmp_path):
-    """What the README's install commands (through constraints.txt) must give: exactly the pinned versions.
-    `doit constraints` run here writes the committed file again."""
-    committed = (REPO / "constraints.txt").read_text()
-    root = write_project(tmp_path, ["phi3-tiny"], ["gguf"], ["int4"])
-    (root / "constraints.txt").write_text(committed)
-    run = run_doit(root, "constraints")
-    assert run.code == 0, run.output
-    assert (root / "constraints.txt").read_text() == committed, "installed versions differ from constraints.txt"
-
-
 @pytest.mark.parametrize("backend", list(MODULES))
-def test_every_committed_entry_of_a_backend_was_built_with_one_toolchain(backend):
+def test_every_committed_entry_of_a_backend_was_built_with_its_toolchains_lock(backend):
     entries = [entry for entry in lock_of(REPO).values() if entry["backend"] == backend]
     assert entries, f"artifacts.lock has no {backend} entries"
     assert len({entry["toolchain"] for entry in entries}) == 1
+    toolchain = Lockfile(REPO / "artifacts.lock").read().artifacts[entries[0]["name"]].parts.toolchain
+    assert toolchain.lock == declare.locked(get(backend).toolchain).digest
+
+
+def test_doit_toolchains_makes_and_checks_every_environment_the_project_uses(tmp_path):
+    root = write_project(tmp_path, ["phi3-tiny"], ["gguf", "mlx"], ["int4"])
+    run = run_doit(root, "toolchains")
+    assert run.code == 0, run.output
+    for name in ("gguf", "mlx", "fidelity"):
+        assert re.search(rf"toolchain {name}: \S+, {len(declare.locked(name).packages)} packages as locked", run.output)
+    assert "toolchain onnx" not in run.output
+
+
+def test_the_test_process_never_imported_a_toolchain_to_plan(tmp_path):
+    """doit's side plans every backend's targets without importing any toolchain."""
+    root = write_project(tmp_path, ["phi3-tiny"], list(MODULES), ["int4"])
+    code = ("import sys, pathlib; from phibuild.project import Project; p = Project.load(pathlib.Path(sys.argv[1])); "
+            "[p.plan(t) for t in p.targets()[0]]; "
+            "print(sorted(m for m in ('torch', 'transformers', 'onnxruntime', 'openvino', 'mlx', 'llama_cpp', "
+            "'gguf', 'numpy') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+
+
+def test_a_worker_result_that_is_not_one_per_step_is_refused(tmp_path):
+    liar = tmp_path / "python"
+    liar.write_text('#!/bin/sh\necho \'{"results": [1, 2, 3]}\' > "$5/result.json"\n')
+    liar.chmod(0o755)
+    with pytest.raises(BuildError, match="not one result per step"):
+        worker.call(liar, [{"verb": "versions", "failure": "x"}], "x")
+    Path(tmp_path / "python").write_text('#!/bin/sh\nhead -c 70000000 /dev/zero > "$5/result.json"\n')
+    with pytest.raises(BuildError, match="cannot be read"):
+        worker.call(liar, [{"verb": "versions", "failure": "x"}], "x")
+
+
+def test_gc_removes_environments_no_lock_names_and_nothing_else(tmp_path, monkeypatch):
+    envs = tmp_path / "envs"
+    monkeypatch.setenv("PHIBUILD_TOOLCHAINS", str(envs))
+    old = envs / "gguf-0000000000000000"
+    old.mkdir(parents=True)
+    (old / environment.MARK).write_text("{}")
+    crashed = envs / f"{environment.CREATING}gguf-0000000000000000-999999999-abcd"
+    crashed.mkdir()
+    stranger = envs / "gguf-1111111111111111"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("a user's")
+    current = envs / declare.locked("mlx").environment_name
+    current.mkdir()
+    (current / environment.MARK).write_text("{}")
+    root = write_project(tmp_path / "p", ["phi3-tiny"], ["gguf"], ["int4"])
+    listed = run_doit(root, "gc")
+    assert listed.code == 0 and old.exists() and f"would remove toolchain environment {old}" in listed.output
+    removed = run_doit(root, "gc", "--delete")
+    assert removed.code == 0, removed.output
+    assert not old.exists() and not crashed.exists()
+    assert (stranger / "notes.txt").read_text() == "a user's" and current.exists()

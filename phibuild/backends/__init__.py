@@ -3,11 +3,8 @@
 A backend is one module (or package) here defining a subclass of :class:`Backend` named ``BACKEND``. It
 declares
 
-- ``name`` (used in task names), ``title`` and the pip ``extra`` that installs it; the requirement closure
-  of that extra is its toolchain, whose exact versions enter the cache key (see ``phibuild.environment``);
-- ``optional_imports``: distributions its toolchain imports when they happen to be installed (transformers
-  and torch look for many); the installed ones enter the key too. A build that imports anything else
-  fails, naming it, so a new one cannot be missed silently;
+- ``name`` (used in task names), ``title`` and the ``toolchain`` it runs in (``phibuild.toolchains``): an
+  environment of its own made from a hashed lock, whose digest and versions enter the cache key;
 - ``precisions``: for each of int4/int8/fp16/fp32 the default parameters, all of which enter the key
   and can be overridden in ``[tool.phibuild.params.<backend>]`` / ``[...<backend>.<precision>]``;
   ``vision_defaults`` (optional): other defaults for multimodal models (the cookbook's vision recipes);
@@ -17,14 +14,16 @@ declares
 
 and implements ``check_params`` (what is wrong with parameter values: a settings error), optionally
 ``refuse_architecture`` (why an architecture it builds cannot be built with these parameters: the target
-is left out) and ``machine`` (what of the machine its bytes depend on, for the key), ``build`` (a
+is left out) and ``machine`` (what of the machine and its toolchain, through ``facts``, its bytes depend on,
+for the key), ``build`` (a
 :class:`Job`: source directory to output directory) and ``smoke`` (load the output with the backend's own
 runtime and generate a few tokens) and ``runtime`` (the output loaded in that runtime with its default settings,
 for the fidelity step: next-token logits of a token sequence), with ``runtime_machine`` naming what of the
 machine decides those defaults. A backend that builds a multimodal architecture (``Job.vision``) smoke-checks
 it with ``SMOKE_IMAGE``, gives its runtime the image prompt before the text, and implements ``image_logits``
-(the parity tests' float32 logits after the image prompt). Heavy imports happen inside ``build``, ``smoke`` and
-``runtime`` only, so listing tasks stays fast.
+(the parity tests' float32 logits after the image prompt). ``facts``, ``build``, ``smoke``, ``runtime`` and
+``image_logits`` run in the toolchain's worker (``phibuild.work``) and import the toolchain there; the rest runs
+in doit's process, which never imports a toolchain.
 
 A backend whose precisions share a first step (GGUF: one F16 conversion, quantized several ways) returns
 that step's parameters from ``intermediate`` and implements ``build_intermediate``; phibuild caches the
@@ -35,20 +34,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import logging
-import os
-import platform
-import sys
-import tempfile
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..environment import Environment
-from ..errors import BuildError, ConfigError, PhibuildError, causes, file_system_error
-
-log = logging.getLogger(__name__)
+from ..errors import BuildError, ConfigError, PhibuildError
+from ..toolchains.declare import platform_tag
 
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
 # Phi's chat format; the smoke checks of every backend generate from this prompt.
@@ -59,11 +51,6 @@ SMOKE_TOKENS = 8
 # <|image_1|> in ONNX Runtime GenAI and OpenVINO GenAI) and expands it to the same image tokens.
 SMOKE_IMAGE = Path(__file__).parent.parent / "eval" / "image.png"
 SMOKE_QUESTION = "What is shown in this image?"
-
-# What transformers and torch import when they find it installed (measured by building every embedded model
-# in a fresh process with everything phibuild offers installed; see tests/test_toolchain.py).
-TRANSFORMERS_OPTIONAL = ("torch", "torchvision", "pillow", "sentencepiece", "scikit-learn", "narwhals", "pydot",
-                         "psutil", "cloudpickle", "charset-normalizer", "jmespath")
 
 MODULES = {
     "onnx": "phibuild.backends.onnx",
@@ -84,6 +71,16 @@ class Job:
     intermediate: Path | None = None  # the shared first step's output, when the backend has one
     trust_remote_code: bool = False  # the model's own opt-in to running code from its directory
     vision: bool = False  # the model reads images as well as text (catalog.VISION_ARCHITECTURES)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As a worker's step carries it."""
+        return {**asdict(self), "source": str(self.source), "output": str(self.output),
+                "intermediate": str(self.intermediate) if self.intermediate else None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Job:
+        return cls(**{**data, "source": Path(data["source"]), "output": Path(data["output"]),
+                      "intermediate": Path(data["intermediate"]) if data["intermediate"] else None})
 
 
 @dataclass(frozen=True)
@@ -119,50 +116,6 @@ def replaced(owner: Any, **attributes: Any) -> Iterator[None]:
             setattr(owner, name, value)
 
 
-@contextlib.contextmanager
-def console_kept(failure: str) -> Iterator[None]:
-    """Run a toolchain step with everything it prints kept back (Python's streams and the process's file
-    descriptors 1 and 2, where C libraries and progress bars write), and shown only if it fails: a
-    successful build prints phibuild's own lines alone. A failure is a BuildError starting with ``failure``
-    (an operating system error keeps its one-line message; a phibuild error its own)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    with tempfile.TemporaryFile() as kept:
-        saved_fds = os.dup(1), os.dup(2)
-        saved_streams = sys.stdout, sys.stderr
-        os.dup2(kept.fileno(), 1)
-        os.dup2(kept.fileno(), 2)
-        # New streams on the descriptors: a logging handler made during the step keeps writing to them, which
-        # after the step are the terminal's again.
-        sys.stdout = open(1, "w", closefd=False, buffering=1)  # noqa: SIM115
-        sys.stderr = open(2, "w", closefd=False, buffering=1)  # noqa: SIM115
-        try:
-            yield
-        except Exception as exc:
-            _restore(saved_fds, saved_streams)
-            kept.seek(0)
-            said = kept.read().decode(errors="replace").strip()
-            if said:
-                log.error("%s", said)
-            if isinstance(exc, PhibuildError):
-                raise
-            cause = next((e for e in causes(exc) if isinstance(e, OSError)), None)
-            if cause is not None:
-                raise file_system_error(cause, failure) from exc
-            raise BuildError(f"{failure}: {type(exc).__name__}: {exc}") from exc
-        else:
-            _restore(saved_fds, saved_streams)
-
-
-def _restore(fds: tuple[int, int], streams: tuple) -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    for target, fd in zip((1, 2), fds, strict=True):
-        os.dup2(fd, target)
-        os.close(fd)
-    sys.stdout, sys.stderr = streams
-
-
 class CannotRun(PhibuildError):
     """The artifact's runtime cannot run on this machine (a CUDA-only build, say); the message says why."""
 
@@ -192,29 +145,28 @@ def cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
-def platform_tag() -> str:
-    """The operating system and processor architecture, as in ``linux-x86_64``."""
-    return f"{sys.platform}-{platform.machine().lower()}"
-
-
 class Backend:
     name: ClassVar[str]
     title: ClassVar[str]
-    extra: ClassVar[str]
+    toolchain: ClassVar[str]  # the toolchain it runs in (phibuild/toolchains/<name>)
     architectures: ClassVar[frozenset[str]]
     precisions: ClassVar[dict[str, dict[str, Any]]]
     recipe: ClassVar[int] = 1  # bump when phibuild's use of this backend changes the output
     unlinkable: ClassVar[tuple[str, ...]] = ()  # output globs shown as copies, never hardlinks of the store
     unsupported: ClassVar[dict[str, str]] = {}  # Phi architectures it cannot build, and why
-    optional_imports: ClassVar[tuple[str, ...]] = ()  # imported when installed; in the key when installed
     vision_defaults: ClassVar[dict[str, dict[str, Any]]] = {}  # multimodal models' defaults, where they differ
 
-    def machine(self, environment: Environment, params: dict[str, Any]) -> dict[str, str]:
-        """What of this machine and its installed software the bytes made with ``params`` depend on, beyond
-        package versions: it enters the key, so that another machine gets another key instead of other bytes
-        under the same one. Every backend's bytes are verified only within one operating system and processor
-        architecture, so that is the least it says."""
+    def machine(self, facts: Callable[[], dict[str, str]], params: dict[str, Any]) -> dict[str, str]:
+        """What of this machine and its toolchain the bytes made with ``params`` depend on, beyond package
+        versions (``facts()``: what the toolchain's ``facts`` found, asked only when needed): it enters the key, so
+        that another machine gets another key instead of other bytes under the same one. Every backend's bytes
+        are verified only within one operating system and processor architecture, so that is the least it says."""
         return {"platform": platform_tag()}
+
+    def facts(self) -> dict[str, str]:
+        """What of its toolchain's environment, found by running it, keys or runtime settings depend on (run in
+        the worker, once per environment)."""
+        return {}
 
     def params(self, precision: str, overrides: dict[str, Any], vision: bool = False) -> dict[str, Any]:
         """Defaults for ``precision`` (a multimodal model's own where ``vision_defaults`` has them) with
@@ -289,7 +241,7 @@ class Backend:
         these parameters, said beside a failed fidelity gate; None when there is none."""
         return None
 
-    def runtime_machine(self) -> dict[str, str]:
+    def runtime_machine(self, facts: Callable[[], dict[str, str]]) -> dict[str, str]:
         """What of this machine decides the runtime's default settings, beyond the platform (a fidelity
         measurement's key holds it: another machine measures under another key)."""
         return {}

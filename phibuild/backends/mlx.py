@@ -47,7 +47,6 @@ from ..errors import BuildError
 from . import (
     SMOKE_MESSAGES,
     SMOKE_TOKENS,
-    TRANSFORMERS_OPTIONAL,
     Backend,
     CannotRun,
     Job,
@@ -82,8 +81,7 @@ CPU_SMOKE_BYTES = 2**30  # past this much weight, the smoke check on mlx's CPU b
 class MlxBackend(Backend):
     name = "mlx"
     title = "MLX (mlx-lm)"
-    extra = "mlx"
-    optional_imports = TRANSFORMERS_OPTIONAL
+    toolchain = "mlx"
     recipe = 2  # 2: LongRoPE staged with its short factors
     architectures = frozenset(MODEL_TYPES)
     # mlx-vlm is what converts vision models for MLX. Measured with the project's pins: 0.6.5 and later need

@@ -21,7 +21,6 @@ from ..errors import BuildError
 from . import (
     SMOKE_MESSAGES,
     SMOKE_TOKENS,
-    TRANSFORMERS_OPTIONAL,
     Backend,
     CannotRun,
     Job,
@@ -50,8 +49,7 @@ TITLE = "ONNX Runtime GenAI"
 class OnnxBackend(Backend):
     name = "onnx"
     title = TITLE
-    extra = "onnx"
-    optional_imports = TRANSFORMERS_OPTIONAL
+    toolchain = "onnx"
     architectures = frozenset({"Phi3ForCausalLM", "Phi3SmallForCausalLM", "PhiMoEForCausalLM",
                                "Phi4MultimodalForCausalLM"})  # onnx_vision.py
     # The builder makes only the text decoder of these; their image encoders are exported by the repositories' own

@@ -32,7 +32,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +40,6 @@ from ..errors import BuildError, file_system_error
 from . import (
     SMOKE_MESSAGES,
     SMOKE_TOKENS,
-    TRANSFORMERS_OPTIONAL,
     Backend,
     Job,
     Runtime,
@@ -75,8 +74,7 @@ REMOTE_VISION = "optimum-intel exports this own-code layout only under transform
 class OpenvinoBackend(Backend):
     name = "openvino"
     title = TITLE
-    extra = "openvino"
-    optional_imports = (*TRANSFORMERS_OPTIONAL, "onnx", "ml-dtypes")
+    toolchain = "openvino"
     # Phi-3.5-MoE's hub config says PhiMoE (its remote code); transformers writes Phimoe for the same model.
     architectures = frozenset({"Phi3ForCausalLM", "PhiMoEForCausalLM", "PhimoeForCausalLM",
                                "Phi4MultimodalForCausalLM"})  # openvino_vision.py
@@ -165,7 +163,7 @@ class OpenvinoBackend(Backend):
 
         return OpenvinoRuntime(openvino.Core().compile_model(artifact / "openvino_model.xml", "CPU"))
 
-    def runtime_machine(self) -> dict[str, str]:
+    def runtime_machine(self, facts: Callable[[], dict[str, str]]) -> dict[str, str]:
         """The CPU plugin executes in bf16 by default where the processor has bf16 arithmetic."""
         found = sorted(cpu_flags() & BF16_FLAGS)
         return {"bf16": ",".join(found) or "none"}

@@ -17,12 +17,12 @@ import os
 import resource
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ...environment import Environment
 from ...errors import BuildError
-from ...store import link_file
+from ...linking import link_file
 from .. import SMOKE_MESSAGES, SMOKE_TOKENS, Backend, Job, Runtime, Smoke, replaced
 from .fingerprint import quantizer
 from .types import ARCHITECTURES, BASES, MODEL, TYPES, file_type
@@ -31,7 +31,7 @@ from .types import ARCHITECTURES, BASES, MODEL, TYPES, file_type
 class GgufBackend(Backend):
     name = "gguf"
     title = "llama.cpp GGUF"
-    extra = "gguf"
+    toolchain = "gguf"
     architectures = frozenset(ARCHITECTURES)
     precisions: ClassVar[dict[str, dict[str, Any]]] = {
         "int4": {"type": "Q4_K_M", "base": "f16"},
@@ -59,12 +59,12 @@ class GgufBackend(Backend):
             return f"base q8_0 is already quantized; it builds only type Q8_0, not {kind}"
         return None
 
-    def machine(self, environment: Environment, params: dict[str, Any]) -> dict[str, str]:
+    def machine(self, facts: Callable[[], dict[str, str]], params: dict[str, Any]) -> dict[str, str]:
         """llama.cpp's quantizer rounds as libggml-base was compiled (see fingerprint.py); a conversion alone,
         or a precision that is the conversion itself, does not run it."""
-        machine = super().machine(environment, params)
+        machine = super().machine(facts, params)
         if params.get("type", "").lower() not in ("", params.get("base")):
-            machine["quantizer"] = quantizer(environment)
+            machine["quantizer"] = facts()["quantizer"]
         return machine
 
     def intermediate(self, precision: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -107,8 +107,11 @@ class GgufBackend(Backend):
     def runtime(self, artifact: Path, job: Job) -> Runtime:
         return LlamaRuntime(artifact / MODEL)
 
-    def runtime_machine(self) -> dict[str, str]:
-        return {"extra_buffer_types": "off"} if amx_built_in() else {}
+    def facts(self) -> dict[str, str]:
+        return {"quantizer": quantizer(), "amx": str(amx_built_in()).lower()}
+
+    def runtime_machine(self, facts: Callable[[], dict[str, str]]) -> dict[str, str]:
+        return {"extra_buffer_types": "off"} if facts()["amx"] == "true" else {}
 
 
 def llama(path: Path, **options: Any) -> Any:

@@ -6,7 +6,7 @@ multiply-adds (an FMA-capable ``-march``, ``CFLAGS``, arm64), Q4_K, Q6_K and the
 differently. Neither the library's digest (it embeds pip's random build path) nor llama.cpp's system info (it
 describes ggml-cpu) tells these builds apart, so the fingerprint quantizes a fixed matrix with every block type
 phibuild offers and digests the result: equal exactly when the compiled arithmetic is. It costs a fraction of a
-second, so it is computed once per installed library (cached by the library file's size and time).
+second, so it is computed once per toolchain environment (one of its ``facts``).
 """
 
 from __future__ import annotations
@@ -17,19 +17,14 @@ import importlib.util
 import os
 from pathlib import Path
 
-from ...environment import Environment
-
 ROWS, WIDTH = 1024, 256  # fewer rows could not tell an AVX2 build from an AVX-512 one
 # The block types that the file types phibuild offers are made of.
 BLOCKS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
 
 
-def quantizer(environment: Environment) -> str:
+def quantizer() -> str:
     """The fingerprint of the installed llama.cpp quantizer (32 hex digits)."""
-    library = _library()
-    st = library.stat()
-    return environment.probe("llama.cpp quantizer", [str(library), st.st_size, st.st_mtime_ns],
-                             lambda: _fingerprint(library))
+    return _fingerprint(_library())
 
 
 def _library() -> Path:
