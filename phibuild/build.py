@@ -31,7 +31,6 @@ from .linking import link_file
 from .project import Plan, Project, Target, frozen, repin, restore_only
 from .records import INTERMEDIATE, KeyParts, LockEntry, Manifest, Pin, Smoke, differing_files
 from .store import Entry, PinMismatch, described
-from .toolchains import declare, worker
 
 log = logging.getLogger(__name__)
 
@@ -123,26 +122,26 @@ def make(project: Project, plan: Plan, locked: LockEntry | None, output: Path) -
     """Build the artifact of ``plan`` into ``output`` and smoke-check it."""
     plan = project.fetched(plan)
     target, source = plan.target, plan.source
-    _check_source(target, source.directory)
+    _check_source(project, target, source.directory)
     intermediate = obtain_intermediate(project, plan, locked)
     log.info("building %s: %s %s (key %s)", target.name, target.backend.title, target.precision, plan.key[:12])
     job = _job(plan, output, intermediate.artifact if intermediate else None)
-    _, smoke = run(plan, [_build_step(plan, job), _smoke_step(plan, job)])
+    _, smoke = run(project, plan, [_build_step(plan, job), _smoke_step(plan, job)])
     log.info("smoke check of %s: %s", target.name, smoke)
     _check_unchanged(project, plan, target.name)
     return Made(Smoke(smoke), Pin(intermediate.key, intermediate.files) if intermediate else None)
 
 
-def smoke_check(plan: Plan, job: Job) -> str:
+def smoke_check(project: Project, plan: Plan, job: Job) -> str:
     """Run the artifact in ``job.output`` in its runtime, as users will: what the check said, in one line."""
-    smoke = run(plan, [_smoke_step(plan, job)])[0]
+    smoke = run(project, plan, [_smoke_step(plan, job)])[0]
     log.info("smoke check of %s: %s", plan.target.name, smoke)
     return smoke
 
 
-def run(plan: Plan, steps: list[dict[str, Any]]) -> list[Any]:
+def run(project: Project, plan: Plan, steps: list[dict[str, Any]]) -> list[Any]:
     """``steps`` run by one worker of the target's toolchain."""
-    return worker.run(declare.locked(plan.target.backend.toolchain), steps, steps[0]["failure"])
+    return project.toolchains[plan.target.backend.toolchain].run(steps, steps[0]["failure"])
 
 
 def step(verb: str, plan: Plan, job: Job, failure: str, **more: Any) -> dict[str, Any]:
@@ -171,7 +170,7 @@ def checked_here(project: Project, target: Target, entry: Entry) -> str:
             copy = Path(scratch) / name
             copy.parent.mkdir(parents=True, exist_ok=True)
             link_file(entry.artifact / name, copy)
-        return smoke_check(plan, _job(plan, Path(scratch)))
+        return smoke_check(project, plan, _job(plan, Path(scratch)))
 
 
 def obtain_intermediate(project: Project, plan: Plan, locked: LockEntry | None) -> Entry | None:
@@ -189,7 +188,7 @@ def obtain_intermediate(project: Project, plan: Plan, locked: LockEntry | None) 
     def make_intermediate(output: Path) -> Made:
         log.info("building %s: %s intermediate %s (key %s)", label, backend.title, params, parts.key[:12])
         job = replace(_job(plan, output), params=params)
-        run(plan, [step("build_intermediate", plan, job, f"{label}: {backend.title} intermediate failed")])
+        run(project, plan, [step("build_intermediate", plan, job, f"{label}: {backend.title} intermediate failed")])
         _check_unchanged(project, plan, label)
         return Made()
 
@@ -202,7 +201,7 @@ def rebuild(project: Project, target: Target) -> tuple[dict[str, FileDigest], di
     cached intermediates, and return its files' digests and its intermediate's (None without one). Nothing is
     published, locked or shown."""
     plan = project.fetched(project.plan(target))
-    _check_source(target, plan.source.directory)
+    _check_source(project, target, plan.source.directory)
     project.store.tmp.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="rebuild-", dir=project.store.tmp) as scratch:
         intermediate, steps = None, []
@@ -215,7 +214,7 @@ def rebuild(project: Project, target: Target) -> tuple[dict[str, FileDigest], di
         output = Path(scratch) / "artifact"
         output.mkdir()
         log.info("rebuilding %s from scratch", target.name)
-        run(plan, [*steps, _build_step(plan, _job(plan, output, intermediate))])
+        run(project, plan, [*steps, _build_step(plan, _job(plan, output, intermediate))])
         return digest_files(output), digest_files(intermediate) if intermediate else None
 
 
@@ -238,14 +237,15 @@ def _job(plan: Plan, output: Path, intermediate: Path | None = None) -> Job:
                target.model.trust_remote_code, vision)
 
 
-def _check_source(target: Target, directory: Path) -> None:
+def _check_source(project: Project, target: Target, directory: Path) -> None:
     architecture = sources.architecture(directory)
     if architecture in VISION_ARCHITECTURES and target.model.architecture is None and target.model.path is None:
         # Its defaults and its fidelity step are chosen before anything is downloaded.
         raise UnsupportedError(f"{target.name}: {architecture} reads images, which phibuild learns of only after "
                                "downloading it; download the checkpoint and point "
                                f"[tool.phibuild.model.{target.model.name}] path = ... at it")
-    reason = target.backend.refuse(architecture, target.precision, target.params)
+    reason = target.backend.refuse(architecture, target.precision, target.params,
+                                   project.toolchain(target.backend).packages)
     if reason:
         raise UnsupportedError(f"{target.name}: {target.backend.title} cannot build {architecture}: {reason}")
     sources.check_checkpoint(directory)

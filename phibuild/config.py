@@ -27,6 +27,9 @@ Every key is optional::
     repo = "me/{target}"                            # {target}, {model}, {precision}, {backend}
     private = true                                  # the token is HF_TOKEN's
 
+    [tool.phibuild.toolchains]                      # an environment of your own for a toolchain (its key is
+    onnx = "/opt/conda/envs/ort/bin/python"         # what it holds), instead of one made from phibuild's lock
+
     [tool.phibuild.model.my-phi]                    # a model of your own (added to the default models)
     path = "checkpoints/my-phi"                     # a local directory...
     # repo = "me/my-phi"  revision = "main"         # ...or a Hugging Face repo
@@ -66,6 +69,7 @@ from . import validate as v
 from .catalog import EMBEDDED, HUB, ModelSpec, lookup
 from .errors import ConfigError
 from .signing import PublicKey
+from .toolchains import declare
 
 EVAL_TEXT = Path(__file__).parent / "eval" / "heldout.txt"  # written by tools/make_eval_text.py
 REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*\Z")
@@ -203,6 +207,19 @@ def _trusted_keys(value: Any, where: str) -> list[PublicKey]:
     return keys
 
 
+def _own_toolchains(value: Any, where: str) -> dict[str, Path]:
+    """``[toolchains]``: toolchain name -> the interpreter of an environment of the user's own, an absolute path
+    without ``..`` (phibuild runs it; it never writes there)."""
+    chosen = {}
+    for name, text in v.table_of(v.text, v.text)(value, where).items():
+        _known(name, list(declare.NAMES), "toolchain", where)
+        path = Path(text)
+        if not path.is_absolute() or ".." in path.parts:
+            raise v.Invalid(f"{where}.{name} = {text!r} must be the absolute path of an interpreter, without '..'")
+        chosen[name] = path
+    return chosen
+
+
 PATTERN_FIELDS = ("target", "model", "precision", "backend")
 PUBLISH_FIELDS = {"repo": v.Field(_repo_pattern), "private": v.Field(v.boolean, required=False)}
 FIELDS = {
@@ -228,6 +245,7 @@ FIELDS = {
     "eval_windows": v.Field(_positive, required=False),
     "eval_length": v.Field(_eval_length, required=False),
     "gates": v.Field(_gates, required=False),
+    "toolchains": v.Field(lambda value, where: _own_toolchains(value, where), required=False),
 }
 
 
@@ -256,6 +274,7 @@ class Config:
     eval_windows: int = 2
     eval_length: int = 1024
     gates: dict[str, dict[str, float]] = field(default_factory=dict)
+    toolchains: dict[str, Path] = field(default_factory=dict)  # environments of the user's own, by toolchain
 
     def eval_settings(self) -> tuple[Path, int, int]:
         """The fidelity step's evaluation text, and how many windows of how many tokens it is cut into."""

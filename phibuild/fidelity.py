@@ -30,10 +30,9 @@ from .catalog import VISION_ARCHITECTURES
 from .errors import BuildError, ConfigError, DamageError, LockError
 from .hashing import digest_json, hash_file
 from .measuring import METRICS
-from .project import Plan, Project, Target, frozen, toolchain
+from .project import Plan, Project, Target, frozen
 from .records import MEASUREMENT, REFERENCE, Fidelity, KeyParts
 from .status import status as artifact_status
-from .toolchains import declare, worker
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +75,7 @@ def measure(project: Project, target: Target) -> Measured:
     job = Job(artifact.artifact, artifact.artifact, target.precision, dict(target.params),
               trust_remote_code=target.model.trust_remote_code, vision=vision(project, plan))
     entry, how = build.obtain(project, parts, f"{target.name}-fidelity", None,
-                              lambda output: _make_measurement(plan, job, ref_entry.artifact, output))
+                              lambda output: _make_measurement(project, plan, job, ref_entry.artifact, output))
     record = replace(stored_record(entry.artifact, reference.key, parts.key, f"{target.name}'s measurement"),
                      files=dict(entry.files))
     project.lock.put(target.name, replace(locked, fidelity=record))
@@ -178,7 +177,8 @@ def reference_parts(project: Project, plan: Plan) -> KeyParts:
     params = {"eval_text": digest, "windows": windows, "length": length}
     if vision(project, plan):  # the text follows the image prompt
         params.update(image=hash_file(SMOKE_IMAGE).xxh3_128, question=SMOKE_QUESTION)
-    return KeyParts(plan.parts.source, REFERENCE, toolchain(REFERENCE, TOOLCHAIN), REFERENCE, params, REFERENCE_RECIPE,
+    toolchain = project.toolchains[TOOLCHAIN].record(REFERENCE)
+    return KeyParts(plan.parts.source, REFERENCE, toolchain, REFERENCE, params, REFERENCE_RECIPE,
                     {"platform": platform_tag()}, plan.parts.trust_remote_code)
 
 
@@ -199,7 +199,7 @@ def _make_reference(project: Project, plan: Plan, output: Path) -> build.Made:
     log.info("computing the fidelity reference of %s in float32 transformers (%d windows of %d tokens)",
              plan.target.model.name, windows, length)
     failure = f"{label}: the reference failed"
-    worker.run(declare.locked(TOOLCHAIN), [{
+    project.toolchains[TOOLCHAIN].run([{
         "verb": "reference", "failure": failure, "source": str(plan.source.directory),
         "trust_remote_code": plan.target.model.trust_remote_code, "text": str(text), "windows": windows,
         "length": length, "vision": vision(project, plan), "output": str(output)}], failure)
@@ -219,14 +219,14 @@ def vision(project: Project, plan: Plan) -> bool:
     return project.architecture(plan.target.model) in VISION_ARCHITECTURES
 
 
-def _make_measurement(plan: Plan, job: Job, reference: Path, output: Path) -> build.Made:
+def _make_measurement(project: Project, plan: Plan, job: Job, reference: Path, output: Path) -> build.Made:
     """The runtime's logits for the reference's windows, compared with it, and its decoding speed: metrics.json,
     measured in the artifact's toolchain's worker (``measuring.measure``)."""
     target = plan.target
     log.info("measuring the fidelity of %s in %s's runtime", target.name, target.backend.title)
-    build.run(plan, [build.step("measure", plan, job, f"{target.name}-fidelity: {target.backend.title}'s runtime "
-                                "failed", artifact=str(job.output), reference=str(reference),
-                                output=str(output))])
+    failure = f"{target.name}-fidelity: {target.backend.title}'s runtime failed"
+    build.run(project, plan, [build.step("measure", plan, job, failure, artifact=str(job.output),
+                                         reference=str(reference), output=str(output))])
     return build.Made()
 
 

@@ -17,14 +17,14 @@ from . import backends, signing, sources
 from .backends import Backend
 from .catalog import VISION_ARCHITECTURES, ModelSpec
 from .config import Config, load, switch
-from .errors import ConfigError, PhibuildError, SourceError, UnsupportedError
+from .errors import PhibuildError, SourceError, UnsupportedError
 from .hashing import digest_json
 from .lockfile import Lockfile
 from .records import KeyParts, Toolchain
 from .remote import NoRemote, Remote
 from .store import Store
 from .toolchains import declare
-from .toolchains.facts import facts
+from .toolchains.chosen import Managed, Own, chosen
 
 FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
 RECIPE = 2  # bump when phibuild's own pipeline changes what any backend produces
@@ -110,6 +110,7 @@ class Project:
                               config.remote_transfer_timeout, config.trusted_keys, signing.from_environment())
                        if config.remote else NoRemote())
         self._targets: tuple[list[Target], list[LeftOut], list[str]] | None = None
+        self.toolchains: dict[str, Managed | Own] = {name: chosen(name, config.toolchains) for name in declare.NAMES}
         self._toolchains: dict[str, Toolchain] = {}
 
     @classmethod
@@ -136,17 +137,17 @@ class Project:
         architectures = {name: self.architecture(self.config.model(name)) for name in self.config.models}
         for backend_name in self.config.backends:
             backend = backends.get(backend_name)
-            try:
-                declare.locked(backend.toolchain)
-            except ConfigError as exc:
-                uninstalled.append(f"{backend_name} ({exc})")
+            unavailable = self.toolchains[backend.toolchain].unavailable()
+            if unavailable:
+                uninstalled.append(f"{backend_name} ({unavailable})")
                 continue
+            packages = self.toolchain(backend).packages
             for model_name in self.config.models:
                 model, arch = self.config.model(model_name), architectures[model_name]
                 for precision in self.config.precisions:
                     params = backend.params(precision, self.config.overrides(backend_name, precision),
                                             arch in VISION_ARCHITECTURES)
-                    reason = arch and backend.refuse(arch, precision, params)
+                    reason = arch and backend.refuse(arch, precision, params, packages)
                     if reason:
                         skipped.append(LeftOut(model_name, precision, backend_name, reason))
                     else:
@@ -189,13 +190,13 @@ class Project:
     # -- keys ------------------------------------------------------------------------------------
 
     def toolchain(self, backend: Backend) -> Toolchain:
-        """What ``backend`` builds with, as its key records it: its toolchain's lock."""
-        return toolchain(backend.name, backend.toolchain)
+        """What ``backend`` builds with, as its key records it: its toolchain's lock, or what the environment the
+        settings name for it holds."""
+        return self.toolchains[backend.toolchain].record(backend.name)
 
-    @staticmethod
-    def facts(backend: Backend) -> Callable[[], dict[str, str]]:
+    def facts(self, backend: Backend) -> Callable[[], dict[str, str]]:
         """``backend``'s facts about its toolchain's environment, found when first asked (which makes it)."""
-        return lambda: facts(declare.locked(backend.toolchain), backend.name)
+        return lambda: self.toolchains[backend.toolchain].facts(backend.name)
 
     def plan(self, target: Target, fetch: bool = False) -> Plan:
         """The target's cache key. A hub model pinned in the lock is not downloaded unless ``fetch``."""
@@ -245,8 +246,3 @@ class Project:
             return f"hf:{model.repo}" + (f"@{model.revision}" if model.revision else "")
         return f"path:{self.shown(model.path)}"
 
-
-def toolchain(backend: str, name: str) -> Toolchain:
-    """The key's record of toolchain ``name`` (used by ``backend``): its lock's digest and packages."""
-    locked = declare.locked(name)
-    return Toolchain(backend, declare.python_tag(), locked.packages, locked.digest)

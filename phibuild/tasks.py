@@ -458,8 +458,8 @@ def _toolchains(root: str, upgrade: str) -> TaskFailed | None:
     for name in names:
         locked = declare.locked(name)
         place = environment.ensure(locked)
-        installed = worker.call(environment.python(place), [{"verb": "versions", "failure": f"checking {place}"}],
-                                f"checking the {name} toolchain")[0]
+        installed = worker.call(environment.python(place), [{"verb": "inventory", "failure": f"checking {place}"}],
+                                f"checking the {name} toolchain")[0]["packages"]
         extra = sorted(set(installed) - set(locked.packages) - {"pip"})
         changed = sorted(name for name, version in locked.packages.items() if installed.get(name) != version)
         if extra or changed:

@@ -55,28 +55,21 @@ def measure(step: dict[str, Any]) -> None:
                       Path(step["output"]))
 
 
-def image_logits(step: dict[str, Any]) -> str:
-    """The multimodal artifact's float32 logits after the image prompt, saved as .npy at ``output``."""
-    import numpy as np
-
-    logits = get(step["backend"]).image_logits(Path(step["artifact"]), Job.from_dict(step["job"]))
-    np.save(step["output"], np.asarray(logits, dtype=np.float32))
-    return step["output"]
-
-
-def versions(step: dict[str, Any]) -> dict[str, str]:
-    """Every distribution installed in this environment, by PEP 503 name, with its version."""
+def inventory(step: dict[str, Any]) -> dict[str, Any]:
+    """The interpreter (as keys record it) and every distribution installed in this environment, by PEP 503
+    name, with its version."""
     found = {}
     for dist in importlib.metadata.distributions():
         name = dist.metadata["Name"]
         if name:
             found.setdefault(_canonical(name), dist.version)
-    return dict(sorted(found.items()))
+    python = f"{sys.implementation.name}-{sys.version_info.major}.{sys.version_info.minor}"
+    return {"python": python, "packages": dict(sorted(found.items()))}
 
 
 VERBS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "build": build, "build_intermediate": build_intermediate, "smoke": smoke, "facts": facts,
-    "reference": reference, "measure": measure, "image_logits": image_logits, "versions": versions,
+    "reference": reference, "measure": measure, "inventory": inventory,
 }
 
 

@@ -288,7 +288,7 @@ def test_phimoe_experts_are_stacked_as_llama_cpp_expects(tmp_path):
     source = tiny_phimoe(tmp_path / "phimoe", hidden=128, intermediate=256, mscale=1.243,
                          short_factor=[1.0 + i / 16 for i in range(half)], long_factor=[1.0 + i for i in range(half)])
     assert get("gguf").refuse(json.loads((source / "config.json").read_text())["architectures"][0], "int4",
-                              get("gguf").precisions["int4"]) is None
+                              get("gguf").precisions["int4"], {}) is None
     convert(source, tmp_path / "model.gguf", "f32")
     meta = fields(tmp_path / "model.gguf")
     assert meta["general.architecture"] == "phimoe"

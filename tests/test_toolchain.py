@@ -106,7 +106,8 @@ def test_an_environment_is_made_once_atomically_and_named_by_its_lock(tmp_path, 
     assert place == tmp_path / "envs" / locked.environment_name
     assert json.loads((place / environment.MARK).read_text())["lock"] == locked.digest
     assert [p.name for p in (tmp_path / "envs").iterdir() if not p.name.endswith(".lock")] == [place.name]
-    installed = worker.call(environment.python(place), [{"verb": "versions", "failure": "versions"}], "versions")[0]
+    installed = worker.call(environment.python(place), [{"verb": "inventory", "failure": "inventory"}],
+                            "inventory")[0]["packages"]
     assert {name: installed[name] for name in locked.packages} == locked.packages
     assert environment.ensure(locked) == place
     environment.remove(place)
@@ -136,7 +137,7 @@ def test_a_worker_killed_by_a_signal_is_one_message(tmp_path):
     crashing.write_text("#!/bin/sh\necho 'the toolchain said this'\nkill -SEGV $$\n")
     crashing.chmod(0o755)
     with pytest.raises(BuildError, match=r"^x-int4-gguf: llama.cpp failed: the worker was killed by SIGSEGV"):
-        worker.call(crashing, [{"verb": "versions", "failure": "x"}], "x-int4-gguf: llama.cpp failed")
+        worker.call(crashing, [{"verb": "inventory", "failure": "x"}], "x-int4-gguf: llama.cpp failed")
 
 
 def test_a_worker_sees_phibuild_and_its_toolchain_alone():
@@ -178,10 +179,10 @@ def test_reproduce_compares_with_a_lock_made_elsewhere_file_by_file(tmp_path):
 
 @pytest.mark.parametrize("backend", list(MODULES))
 def test_every_committed_entry_of_a_backend_was_built_with_its_toolchains_lock(backend):
-    entries = [entry for entry in lock_of(REPO).values() if entry["backend"] == backend]
+    entries = {name: entry for name, entry in lock_of(REPO).items() if entry["backend"] == backend}
     assert entries, f"artifacts.lock has no {backend} entries"
-    assert len({entry["toolchain"] for entry in entries}) == 1
-    toolchain = Lockfile(REPO / "artifacts.lock").read().artifacts[entries[0]["name"]].parts.toolchain
+    assert len({entry["toolchain"] for entry in entries.values()}) == 1
+    toolchain = Lockfile(REPO / "artifacts.lock").read().artifacts[next(iter(entries))].parts.toolchain
     assert toolchain.lock == declare.locked(get(backend).toolchain).digest
 
 
@@ -211,10 +212,10 @@ def test_a_worker_result_that_is_not_one_per_step_is_refused(tmp_path):
     liar.write_text('#!/bin/sh\necho \'{"results": [1, 2, 3]}\' > "$5/result.json"\n')
     liar.chmod(0o755)
     with pytest.raises(BuildError, match="not one result per step"):
-        worker.call(liar, [{"verb": "versions", "failure": "x"}], "x")
+        worker.call(liar, [{"verb": "inventory", "failure": "x"}], "x")
     Path(tmp_path / "python").write_text('#!/bin/sh\nhead -c 70000000 /dev/zero > "$5/result.json"\n')
     with pytest.raises(BuildError, match="cannot be read"):
-        worker.call(liar, [{"verb": "versions", "failure": "x"}], "x")
+        worker.call(liar, [{"verb": "inventory", "failure": "x"}], "x")
 
 
 def test_gc_removes_environments_no_lock_names_and_nothing_else(tmp_path, monkeypatch):
@@ -238,3 +239,52 @@ def test_gc_removes_environments_no_lock_names_and_nothing_else(tmp_path, monkey
     assert removed.code == 0, removed.output
     assert not old.exists() and not crashed.exists()
     assert (stranger / "notes.txt").read_text() == "a user's" and current.exists()
+
+
+def own_environment(tmp_path: Path, crash_on: str | None = None) -> Path:
+    """An interpreter of "the user's own": the gguf environment behind a wrapper script, which kills itself
+    with SIGSEGV on a job with a step ``crash_on`` (as llama.cpp's AMX kernels crash a process)."""
+    real = environment.python(environment.ensure(declare.locked("gguf")))
+    script = tmp_path / "own-python"
+    crash = f'if grep -q \'"verb": "{crash_on}"\' "$5/job.json"; then kill -SEGV $$; fi\n' if crash_on else ""
+    script.write_text(f"#!/bin/sh\n{crash}exec {real} \"$@\"\n")
+    script.chmod(0o755)
+    return script
+
+
+def test_an_environment_of_ones_own_is_keyed_by_what_it_holds(tmp_path):
+    own = own_environment(tmp_path)
+    root = write_project(tmp_path / "p", ["phi3-tiny"], ["gguf"], ["int4"],
+                         extra=f'[tool.phibuild.toolchains]\ngguf = "{own}"\n')
+    project = Project.load(root)
+    toolchain = project.toolchain(get("gguf"))
+    assert toolchain.packages == declare.locked("gguf").packages  # the same packages, held elsewhere
+    assert toolchain.lock != declare.locked("gguf").digest  # named by what it holds, not by phibuild's lock
+    run = run_doit(root)
+    assert run.code == 0, run.output
+    managed = write_project(tmp_path / "m", ["phi3-tiny"], ["gguf"], ["int4"])
+    assert run_doit(managed).code == 0
+    assert lock_of(root)["phi3-tiny-int4-gguf"]["files"] == lock_of(managed)["phi3-tiny-int4-gguf"]["files"]
+
+
+@pytest.mark.parametrize("setting", ["relative/python", "/opt/../etc/python", 3])
+def test_an_own_environment_setting_is_checked(tmp_path, setting):
+    value = f'"{setting}"' if isinstance(setting, str) else setting
+    root = write_project(tmp_path / "p", ["phi3-tiny"], ["gguf"], ["int4"],
+                         extra=f"[tool.phibuild.toolchains]\ngguf = {value}\n")
+    run = run_doit(root, "list")
+    assert run.code != 0 and "[tool.phibuild].toolchains" in run.output, run.output
+    unknown = write_project(tmp_path / "q", ["phi3-tiny"], ["gguf"], ["int4"],
+                            extra='[tool.phibuild.toolchains]\ngguff = "/usr/bin/python3"\n')
+    assert "'gguff' is not a toolchain (did you mean 'gguf'?)" in run_doit(unknown, "list").output
+
+
+def test_a_toolchain_that_crashes_fails_its_target_with_one_message_and_the_others_build(tmp_path):
+    own = own_environment(tmp_path, crash_on="build")
+    root = write_project(tmp_path / "p", ["phi3-tiny"], ["gguf", "mlx"], ["int4"],
+                         extra=f'[tool.phibuild.toolchains]\ngguf = "{own}"\n')
+    run = run_doit(root, "--continue", "quantize")
+    assert run.code != 0
+    assert "phi3-tiny-int4-gguf: llama.cpp GGUF failed: the worker was killed by SIGSEGV (signal 11)" in run.output
+    assert "Traceback" not in run.output
+    assert set(lock_of(root)) == {"phi3-tiny-int4-mlx"}

@@ -21,9 +21,10 @@ runtime and generate a few tokens) and ``runtime`` (the output loaded in that ru
 for the fidelity step: next-token logits of a token sequence), with ``runtime_machine`` naming what of the
 machine decides those defaults. A backend that builds a multimodal architecture (``Job.vision``) smoke-checks
 it with ``SMOKE_IMAGE``, gives its runtime the image prompt before the text, and implements ``image_logits``
-(the parity tests' float32 logits after the image prompt). ``facts``, ``build``, ``smoke``, ``runtime`` and
-``image_logits`` run in the toolchain's worker (``phibuild.work``) and import the toolchain there; the rest runs
-in doit's process, which never imports a toolchain.
+(the parity tests' float32 logits after the image prompt). ``facts``, ``build_intermediate``, ``build``, ``smoke`` and
+``runtime`` run in the toolchain's worker (``phibuild.work``) and import the toolchain there (``image_logits``
+in the parity tests, which have the toolchains' libraries); the rest runs in doit's process, which never
+imports a toolchain and knows the toolchain by its package versions alone.
 
 A backend whose precisions share a first step (GGUF: one F16 conversion, quantized several ways) returns
 that step's parameters from ``intermediate`` and implements ``build_intermediate``; phibuild caches the
@@ -198,16 +199,17 @@ class Backend:
         """What is wrong with these parameter values, whatever the model, or None."""
         return None
 
-    def refuse(self, architecture: str, precision: str, params: dict[str, Any]) -> str | None:
-        """Why a model of this architecture cannot be built with these (checked) parameters, in a few words
-        (``doit list`` gathers them on one line), or None."""
+    def refuse(self, architecture: str, precision: str, params: dict[str, Any], packages: dict[str, str]) -> str | None:
+        """Why a model of this architecture cannot be built with these (checked) parameters by a toolchain of
+        these ``packages`` (name: version), in a few words (``doit list`` gathers them on one line), or None."""
         if architecture in self.unsupported:
             return self.unsupported[architecture]
         if architecture not in self.architectures:
             return f"{self.title} builds {', '.join(sorted(self.architectures))}, not {architecture}"
-        return self.refuse_architecture(architecture, precision, params)
+        return self.refuse_architecture(architecture, precision, params, packages)
 
-    def refuse_architecture(self, architecture: str, precision: str, params: dict[str, Any]) -> str | None:
+    def refuse_architecture(self, architecture: str, precision: str, params: dict[str, Any],
+                            packages: dict[str, str]) -> str | None:
         """Why an architecture the backend builds cannot be built with these parameters, or None."""
         return None
 

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.metadata
-import importlib.util
 import json
 import shutil
 import time
@@ -106,15 +104,14 @@ class MlxBackend(Backend):
             return _refuse_quantization(precision, params)
         return None
 
-    def refuse_architecture(self, architecture: str, precision: str, params: dict[str, Any]) -> str | None:
+    def refuse_architecture(self, architecture: str, precision: str, params: dict[str, Any],
+                            packages: dict[str, str]) -> str | None:
         model_type = MODEL_TYPES[architecture]
-        if not _has_model(model_type):
-            return f"the installed mlx-lm has no {model_type} model (mlx_lm/models/{model_type}.py); upgrade mlx-lm"
         if model_type in BROKEN_BEFORE:
             from packaging.version import Version  # here: listing tasks need not import it
 
             fixed, why = BROKEN_BEFORE[model_type]
-            installed = importlib.metadata.version("mlx-lm")
+            installed = packages.get("mlx-lm", "0")
             if Version(installed) < Version(fixed):
                 return f"mlx-lm {installed} cannot run it ({why}; fixed in {fixed})"
         return None
@@ -301,15 +298,6 @@ def _refuse_quantization(precision: str, params: dict[str, Any]) -> str | None:
 
 
 @functools.cache
-def _has_model(model_type: str) -> bool:
-    """Whether mlx-lm ships ``models/<model_type>.py``, found without importing mlx."""
-    spec = importlib.util.find_spec("mlx_lm")
-    return spec is not None and any(
-        (Path(location) / "models" / f"{model_type}.py").is_file()
-        for location in spec.submodule_search_locations or ()
-    )
-
-
 def _dtype(source: Path, dtype: str) -> str | None:
     """The dtype to hand mlx-lm; ``auto`` is the checkpoint's own (config ``torch_dtype``, or ``dtype``)."""
     if dtype != "auto":

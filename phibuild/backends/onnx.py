@@ -83,7 +83,8 @@ class OnnxBackend(Backend):
             return f"accuracy_level must be one of 0, 1, 2, 3, 4, not {params['accuracy_level']!r}"
         return None
 
-    def refuse_architecture(self, architecture: str, precision: str, params: dict[str, Any]) -> str | None:
+    def refuse_architecture(self, architecture: str, precision: str, params: dict[str, Any],
+                            packages: dict[str, str]) -> str | None:
         if architecture == "PhiMoEForCausalLM" and (precision, params["execution_provider"]) != ("int4", "cuda"):
             return "its PhiMoE operator is CUDA-only: int4 with execution_provider = \"cuda\""
         return None
