@@ -11,7 +11,6 @@ import importlib.metadata
 import json
 import logging
 import sys
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -100,8 +99,7 @@ def main(job: str) -> int:
             failure = step.get("failure", step["verb"])
             results.append(VERBS[step["verb"]](step))
         outcome: dict[str, Any] = {"results": results}
-    except Exception as exc:  # said in one line, with the traceback in the output shown beside it
-        traceback.print_exc()
+    except Exception as exc:  # said in one line, beside what the toolchain printed
         outcome = {"error": error(exc, failure)}
     sys.stdout.flush()
     sys.stderr.flush()

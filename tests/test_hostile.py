@@ -471,15 +471,17 @@ MARKER = "PHIBUILD_REMOTE_CODE_RAN"
 
 
 def model_with_code(directory: Path) -> Path:
-    """phi3-tiny with an ``auto_map`` pointing at Python files of its own, which leave a mark if run."""
+    """phi3-tiny with an ``auto_map`` pointing at Python files of its own, which leave a mark if run (the model's
+    in a file of its own: it needs torch, which a toolchain that only reads the config, as mlx's, does not have)."""
     model = copy_model("phi3-tiny", directory)
     mark = directory.parent / "ran"
     code = (f"import pathlib\npathlib.Path({str(mark)!r}).write_text('ran')\n"
-            "from transformers.models.phi3.configuration_phi3 import Phi3Config as MyConfig  # noqa\n"
-            "from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM as MyModel  # noqa\n")
+            "from transformers.models.phi3.configuration_phi3 import Phi3Config as MyConfig  # noqa\n")
     (model / "my_phi.py").write_text(code)
+    (model / "my_phi_model.py").write_text(
+        "from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM as MyModel  # noqa\n")
     rewrite_json(model / "config.json", lambda c: c.update(
-        auto_map={"AutoConfig": "my_phi.MyConfig", "AutoModelForCausalLM": "my_phi.MyModel"}))
+        auto_map={"AutoConfig": "my_phi.MyConfig", "AutoModelForCausalLM": "my_phi_model.MyModel"}))
     return model
 
 
