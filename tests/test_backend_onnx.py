@@ -17,8 +17,10 @@ import pytest
 from conftest import HOME, lock_of, prompt_for, reference_logits, run_doit, write_project
 from transformers import AutoTokenizer
 
-from phibuild.backends import Job, onnx_quantize
+from phibuild.backends import Job
 from phibuild.backends import onnx as onnx_backend
+from phibuild.backends.onnx import builder as onnx_builder
+from phibuild.backends.onnx import quantize as onnx_quantize
 from phibuild.catalog import EMBEDDED_DIR, EMBEDDED_TEXT
 from phibuild.errors import ConfigError, UnsupportedError
 from phibuild.project import Project
@@ -132,15 +134,15 @@ def test_unsupported_pairs_are_refused_with_the_reason(tmp_path):
 @pytest.mark.parametrize("precision", ["int4", "int8"])
 @pytest.mark.parametrize("model", EMBEDDED_TEXT)
 def test_one_weight_at_a_time_writes_the_builders_own_bytes(tmp_path, monkeypatch, model, precision):
-    # phibuild quantizes node by node to keep real-size builds small (onnx_quantize.py); the bytes must be those
-    # of the builder's whole-model to_nbits, which runs when the replacement is switched off.
+    # phibuild quantizes node by node to keep real-size builds small (backends/onnx/quantize.py); the bytes must be
+    # those of the builder's whole-model to_nbits, which runs when the replacement is switched off.
     streamed = []
     monkeypatch.setattr(onnx_quantize, "streamed_nbits",
                         lambda builder, real=onnx_quantize.streamed_nbits: streamed.append(1) or real(builder))
     outputs = {}
     for way in ("streamed", "whole"):
         if way == "whole":
-            monkeypatch.setattr(onnx_backend, "one_weight_at_a_time", lambda cls: contextlib.nullcontext())
+            monkeypatch.setattr(onnx_builder, "one_weight_at_a_time", lambda cls: contextlib.nullcontext())
         outputs[way] = tmp_path / way
         outputs[way].mkdir()
         onnx_backend.OnnxBackend().build(Job(EMBEDDED_DIR / model, outputs[way], precision,
@@ -166,14 +168,15 @@ def test_a_quantization_it_does_not_reproduce_runs_the_builders_own(tmp_path, mo
 
 @pytest.mark.parametrize("size", [(64, 48), (448, 448), (900, 500), (300, 1000), (1500, 200), (2900, 2700)])
 def test_vision_and_embedding_modules_give_transformers_image_embeddings(size, tmp_path):
-    """phibuild's image embedding for ONNX Runtime GenAI (onnx_vision's modules, exported to vision.onnx and
+    """phibuild's image embedding for ONNX Runtime GenAI (backends/onnx/vision.py's modules, exported to vision.onnx and
     embedding.onnx), run in torch on transformers' own preprocessing of an image of each crop layout, from one crop
     to 36, padded at the bottom or the right: transformers' embeddings of the whole prompt."""
     import torch
     from PIL import Image
     from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoProcessor
 
-    from phibuild.backends import image_prompt, onnx_vision
+    from phibuild.backends import image_prompt
+    from phibuild.backends.onnx import vision as onnx_vision
 
     source = EMBEDDED_DIR / "phi4-multimodal-tiny"
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="eager").eval()

@@ -288,3 +288,14 @@ def test_a_toolchain_that_crashes_fails_its_target_with_one_message_and_the_othe
     assert "phi3-tiny-int4-gguf: llama.cpp GGUF failed: the worker was killed by SIGSEGV (signal 11)" in run.output
     assert "Traceback" not in run.output
     assert set(lock_of(root)) == {"phi3-tiny-int4-mlx"}
+
+
+def test_the_workers_side_needs_nothing_but_the_standard_library():
+    """What a worker imports of phibuild (the worker, every backend module, the fidelity computations) loads in an
+    interpreter without site-packages: a toolchain's environment holds no phibuild dependency (xxhash, doit)."""
+    modules = ["phibuild.work", "phibuild.measuring", *MODULES.values()]
+    probe = "import importlib\n" + "".join(f"importlib.import_module({m!r})\n" for m in modules)
+    run = subprocess.run([sys.executable, "-I", "-S", "-c", worker.BOOTSTRAP.replace(
+        "from phibuild import work\nsys.exit(work.main(job))\n", probe), str(worker.PACKAGE), "unused"],
+        capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr

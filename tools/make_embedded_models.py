@@ -371,7 +371,7 @@ def make_image() -> None:
     """A small picture (a red circle, a blue square, a green bar on light grey) for the smoke and parity checks:
     smaller than one crop, so the processor adds its global view and one tile, as for any photo. Not on white: the
     processor pads with white, and onnxruntime-genai cannot tell an image's white edge from padding
-    (backends/onnx_vision.py)."""
+    (backends/onnx/vision.py)."""
     image = Image.new("RGB", (96, 64), (235, 235, 235))
     draw = ImageDraw.Draw(image)
     draw.ellipse((6, 6, 42, 42), fill=(220, 30, 30))

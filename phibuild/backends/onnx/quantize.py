@@ -21,8 +21,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from ..errors import BuildError
-from . import replaced
+from ...errors import BuildError
+from .. import replaced
 
 logger = logging.getLogger(__name__)
 PROTOBUF_LIMIT = 2**31 - 1  # the largest message protobuf serializes, a weight in a model of its own included

@@ -2,7 +2,7 @@
 ``Phi4MultimodalForCausalLM`` as the three ONNX models onnxruntime-genai's multimodal pipeline runs.
 
 - ``decoder.onnx``: the language model without its token embedding, made by the model builder in-process as for
-  the text models (onnx.py: machine-independent rotary caches, int4/int8 one weight at a time), in the target's
+  the text models (builder.py: machine-independent rotary caches, int4/int8 one weight at a time), in the target's
   precision with its parameters. The builder knows no native Phi4Multimodal: it reads a staged copy of the source
   whose config.json says Phi3VForCausalLM (the same decoder, Phi-3 with LongRoPE) and gives LongRoPE's ``type``
   where the builder looks for it. The source is not changed.
@@ -48,10 +48,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import sources
-from ..errors import BuildError
-from . import SMOKE_IMAGE, SMOKE_QUESTION, SMOKE_TOKENS, Job, Runtime, Smoke
-from .onnx import TITLE, run_builder
+from ... import sources
+from ...errors import BuildError
+from .. import SMOKE_IMAGE, SMOKE_QUESTION, SMOKE_TOKENS, Job, Runtime, Smoke
+from .builder import TITLE, run_builder
 
 GENAI_IMAGE_TOKEN = 200010  # <|endoftext10|>, the only image token onnxruntime-genai's phi4mm processor expands
 OPSET = 17

@@ -33,8 +33,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import SMOKE_IMAGE, SMOKE_QUESTION, SMOKE_TOKENS, Job, Runtime, Smoke, replaced
-from .openvino import FP16, FP16_ROTARY, TITLE, export, rewrite, weight_config
+from .. import SMOKE_IMAGE, SMOKE_QUESTION, SMOKE_TOKENS, Job, Runtime, Smoke, replaced
+from .ir import FP16, FP16_ROTARY, TITLE, export, rewrite, weight_config
 
 TASK = "image-text-to-text"
 LANGUAGE = "openvino_language_model"
