@@ -91,8 +91,8 @@ def run(command: Sequence[str | Path], cwd: Path | None = None, env: dict[str, s
     Peak memory is VmHWM from /proc, sampled every 20 ms until the command exits: the high-water mark of its own
     address space since exec, mapped file pages included (RssAnon, sampled alongside, leaves them out). Not
     ``ru_maxrss``: the kernel starts a spawned child's maxrss at its parent's high-water mark, so a benchmark
-    that has just written a checkpoint would lend its own size to every command it runs. Children of the
-    command are not counted (none of the measured commands forks a worker).
+    that has just written a checkpoint would lend its own size to every command it runs. The command's
+    descendants are summed with it: phibuild builds in worker processes.
     """
     output = io.BytesIO()
     start = time.perf_counter()
@@ -115,18 +115,46 @@ def run(command: Sequence[str | Path], cwd: Path | None = None, env: dict[str, s
 
 
 def _sample_memory(pid: int, peak: list[int], done: threading.Event) -> None:
-    """Keep ``peak`` at the highest VmHWM and RssAnon of ``pid`` (a zombie has neither: it has exited)."""
-    path = Path(f"/proc/{pid}/status")
+    """Keep ``peak`` at the highest VmHWM and RssAnon of ``pid`` and its descendants (phibuild's workers, a
+    toolchain's own subprocesses), summed over the processes alive at each sample; a zombie has neither."""
     while not done.is_set():
-        try:
-            fields = dict(line.split(":", 1) for line in path.read_text().splitlines())
-        except OSError:
+        totals = [0, 0]
+        for member in [pid, *_descendants(pid)]:
+            try:
+                text = Path(f"/proc/{member}/status").read_text()
+            except OSError:
+                continue
+            fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+            for slot, name in enumerate(("VmHWM", "RssAnon")):
+                if name in fields:
+                    totals[slot] += int(fields[name].split()[0]) * 1024
+        if not totals[0] and not _alive(pid):
             return
-        if "VmHWM" not in fields:
-            return
-        for slot, name in enumerate(("VmHWM", "RssAnon")):
-            peak[slot] = max(peak[slot], int(fields[name].split()[0]) * 1024)
+        peak[0], peak[1] = max(peak[0], totals[0]), max(peak[1], totals[1])
         done.wait(0.02)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, found by walking /proc's parent links."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            parents.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def _alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
 
 
 def drop_caches() -> bool:

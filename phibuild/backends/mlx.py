@@ -25,7 +25,8 @@ Phi-4-mini) uses ``long_factor`` at every position, where transformers uses ``sh
 ``original_max_position_embeddings``, so the staged config gives it the short factors for both
 (``_short_longrope``): the artifact then matches transformers within the original context, and past it keeps the
 short factors; Phi-3.5-MoE routes with a softmax over the top-2 gate logits, not
-sparsemixer. Phi-3-small is refused: mlx-lm before 0.32.2 crashes running it. On mlx's CPU backend, MoE
+sparsemixer. Phi-3-small needs mlx-lm 0.32.2 or later (earlier releases crash running it), as the toolchain's
+lock has. On mlx's CPU backend, MoE
 models in 16 bits cannot run (float32-only gather_mm), so their smoke check says it did not run.
 """
 
@@ -82,14 +83,13 @@ class MlxBackend(Backend):
     toolchain = "mlx"
     recipe = 2  # 2: LongRoPE staged with its short factors
     architectures = frozenset(MODEL_TYPES)
-    # mlx-vlm is what converts vision models for MLX. Measured with the project's pins: 0.6.5 and later need
-    # transformers >= 5.14; 0.6.4 and earlier need datasets, no release of which allows huggingface-hub 1.21 and
-    # fsspec 2026.9. Installed without its dependencies, 0.6.4's phi4mm (no HD crops, pooling, separators or
-    # longrope) was 4.6 off transformers in the logits of phi4-multimodal-tiny's image prompt.
+    # mlx-vlm is what converts vision models for MLX; it needs a toolchain of its own (transformers >= 5.14),
+    # which phibuild does not have yet. Installed without its dependencies beside transformers 5.5, 0.6.4's
+    # phi4mm (no HD crops, pooling, separators or longrope) was 4.6 off transformers in the logits of
+    # phi4-multimodal-tiny's image prompt.
     unsupported: ClassVar[dict[str, str]] = dict.fromkeys(
         ("Phi3VForCausalLM", "Phi4MMForCausalLM", "Phi4MultimodalForCausalLM"),
-        "mlx-vlm, which converts vision models, installs beside phibuild's transformers (5.5) in no release (it "
-        "needs transformers >= 5.14, or datasets that the pinned huggingface-hub and fsspec exclude)")
+        "mlx-vlm, which converts vision models, has no toolchain in phibuild yet (it needs transformers >= 5.14)")
     precisions: ClassVar[dict[str, dict[str, Any]]] = {
         "int4": {"bits": 4, **QUANTIZED},
         "int8": {"bits": 8, **QUANTIZED, "dtype": "float16"},

@@ -21,9 +21,10 @@ from ..errors import ConfigError
 
 DIRECTORY = Path(__file__).parent
 NAMES = ("onnx", "gguf", "openvino", "mlx", "fidelity")
-# The platforms locks are resolved for, as uv names them; manylinux_2_35 is what mlx's Linux wheels need.
-PLATFORMS = {"linux-x86_64": "x86_64-manylinux_2_35", "linux-aarch64": "aarch64-manylinux_2_35",
-             "darwin-arm64": "aarch64-apple-darwin"}
+# The platforms locks are resolved for, as uv names them, with the oldest OS they are resolved for (glibc 2.35:
+# mlx's Linux wheels; macOS 14: mlx's), which uv reads from MACOSX_DEPLOYMENT_TARGET.
+PLATFORMS = {"linux-x86_64": ("x86_64-manylinux_2_35", {}), "linux-aarch64": ("aarch64-manylinux_2_35", {}),
+             "darwin-arm64": ("aarch64-apple-darwin", {"MACOSX_DEPLOYMENT_TARGET": "14.0"})}
 PINNED = re.compile(r"^([a-z0-9][a-z0-9._-]*)==(\S+?)(?:\s+;[^\\]*)?\s*\\?$", re.MULTILINE)
 
 

@@ -26,7 +26,7 @@ def upgrade(name: str) -> list[Path]:
     config = pipconfig.read()
     written = []
     version = python_tag().partition("-")[2]
-    for platform, uv_platform in PLATFORMS.items():
+    for platform, (uv_platform, os_version) in PLATFORMS.items():
         path = lock_file(name, platform=platform)
         scratch = path.with_name(f".{path.name}.{os.getpid()}")
         try:
@@ -34,8 +34,8 @@ def upgrade(name: str) -> list[Path]:
                 [find_uv_bin(), "pip", "compile", str(declaration(name)), "--generate-hashes", "--no-header",
                  "--quiet", "--python-version", version, "--python-platform", uv_platform,
                  *config.uv_arguments(), "--output-file", str(scratch)],
-                env={**os.environ, **config.uv_environment()}, stdin=subprocess.DEVNULL, capture_output=True,
-                text=True)
+                env={**os.environ, **config.uv_environment(), **os_version}, stdin=subprocess.DEVNULL,
+                capture_output=True, text=True)
             if run.returncode != 0:
                 said = " / ".join(line.strip() for line in run.stderr.strip().splitlines()[-6:])
                 log.warning("toolchain %s cannot be resolved for %s: %s", name, platform, said)
