@@ -199,7 +199,7 @@ def reference_rope() -> Iterator[None]:
     import torch
     from transformers.models.phi3 import modeling_phi3
 
-    from .reference import pow_f32  # here: numpy is not imported to list tasks
+    from ..reference import pow_f32  # here: numpy is not imported to list tasks
 
     rotary = modeling_phi3.Phi3RotaryEmbedding
     original = rotary.__dict__["compute_default_rope_parameters"]

@@ -112,7 +112,7 @@ class VisionRuntime(Runtime):
         from optimum.intel import OVModelForVisualCausalLM
         from transformers import AutoProcessor
 
-        from . import image_prompt
+        from .. import image_prompt
 
         self.prompt = image_prompt.inputs(AutoProcessor.from_pretrained(artifact))
         self.model = OVModelForVisualCausalLM.from_pretrained(artifact, local_files_only=True, ov_config=settings)
@@ -130,14 +130,14 @@ class VisionRuntime(Runtime):
             return np.asarray(self.model(**inputs).logits[0], dtype=np.float32)
 
     def logits(self, ids: Sequence[int]) -> Any:
-        from . import image_prompt
+        from .. import image_prompt
 
         return self.forward(image_prompt.followed_by(self.prompt, ids))[self.prompt["input_ids"].shape[1]:]
 
     def decode(self, ids: Sequence[int], count: int) -> float:
         """optimum-intel's generate after the image prompt and ``ids``, timed from its first token to its last by
         the times it streams them (transformers' streamer protocol: the prompt, then each token)."""
-        from . import image_prompt
+        from .. import image_prompt
 
         class Clock:
             def __init__(self):
