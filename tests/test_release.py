@@ -169,4 +169,5 @@ def test_reproduce_reports_the_files_that_differ(project):
     (project / "drifted.lock").write_text(text.replace(digest.sha256, "1" * 64))
     run = run_doit(project, "reproduce:a-int4-gguf", "--lock", "drifted.lock")
     assert run.code != 0
-    assert "a-int4-gguf: NOT reproducible: model.gguf: rebuilt sha256 " in run.output
+    assert "a-int4-gguf: NOT reproducible: model.gguf: rebuilt " in run.output
+    assert f"sha256 {digest.sha256[:16]}, locked {digest.size} bytes, sha256 1111111111111111" in run.output
