@@ -123,8 +123,9 @@ class Project:
         """Every buildable target, and each model, precision and backend that is left out and why."""
         return self._listed()[:2]
 
-    def missing_backends(self) -> list[str]:
-        """Backends the settings ask for that are not installed, with the command that installs each."""
+    def unavailable_backends(self) -> list[str]:
+        """Backends the settings ask for whose toolchain cannot run here (no lock for this interpreter and
+        platform, an own environment's interpreter missing), each with why."""
         return self._listed()[2]
 
     def _listed(self) -> tuple[list[Target], list[LeftOut], list[str]]:
@@ -133,13 +134,13 @@ class Project:
         return self._targets
 
     def _list_targets(self) -> tuple[list[Target], list[LeftOut], list[str]]:
-        found, skipped, uninstalled = [], [], []
+        found, skipped, unavailable_here = [], [], []
         architectures = {name: self.architecture(self.config.model(name)) for name in self.config.models}
         for backend_name in self.config.backends:
             backend = backends.get(backend_name)
             unavailable = self.toolchains[backend.toolchain].unavailable()
             if unavailable:
-                uninstalled.append(f"{backend_name} ({unavailable})")
+                unavailable_here.append(f"{backend_name} ({unavailable})")
                 continue
             packages = self.toolchain(backend).packages
             for model_name in self.config.models:
@@ -152,7 +153,7 @@ class Project:
                         skipped.append(LeftOut(model_name, precision, backend_name, reason))
                     else:
                         found.append(Target(model, precision, backend, params))
-        return found, skipped, uninstalled
+        return found, skipped, unavailable_here
 
     def target(self, name: str) -> Target:
         """A target by its task name, or a clear error saying why there is none."""

@@ -36,6 +36,7 @@ from . import reading, validate
 from .errors import BuildError, ConfigError, DamageError, LockError
 from .hashing import FileDigest, StatCache, digest_json, hash_file
 from .linking import link_file
+from .processes import alive
 from .records import Manifest, differing_files
 
 log = logging.getLogger(__name__)
@@ -243,7 +244,7 @@ class Store:
             raise DamageError(f"{self.tmp} lies behind a symlink; phibuild removes nothing outside its store")
         for stale in self.tmp.iterdir():
             building = BUILDING.match(stale.name)
-            if building and not _alive(int(building.group(1))) and _real_dir(stale):
+            if building and not alive(int(building.group(1))) and _real_dir(stale):
                 shutil.rmtree(stale, ignore_errors=True)  # another process may be removing it too
 
     def publish(self, build_dir: Path, manifest: Manifest) -> Entry:
@@ -514,23 +515,13 @@ def sweep(directory: Path) -> None:
         if staged_by is None:
             continue
         pid = staged_by.group(1)
-        if not _alive(int(pid)):
+        if not alive(int(pid)):
             path = directory / name
             with contextlib.suppress(OSError):
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path)
                 else:
                     path.unlink()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _remove_tree(path: Path) -> None:

@@ -168,12 +168,12 @@ def quantize_tasks(root: Path | None = None) -> Iterator[dict]:
     proj, found, skipped = _loaded(root)
     with _settings_errors():
         _check_environment(proj, found)
-    uninstalled = proj.missing_backends()
+    unavailable = proj.unavailable_backends()
     yield {
         "basename": "quantize",
         "name": None,
         "doc": f"Quantize Phi models: {len(found)} targets"
-        + (f"; not installed: {', '.join(uninstalled)}" if uninstalled else "")
+        + (f"; cannot run here: {', '.join(unavailable)}" if unavailable else "")
         + (f"; left out: {left_out_summary(skipped)}" if skipped else ""),
     }
     root_text = str(proj.root)

@@ -18,7 +18,7 @@ from phibuild.backends import MODULES, get, platform_tag
 from phibuild.errors import BuildError, ConfigError
 from phibuild.lockfile import Lockfile
 from phibuild.project import Project
-from phibuild.toolchains import declare, environment, pipconfig, worker
+from phibuild.toolchains import chosen, declare, environment, pipconfig, worker
 
 
 def test_every_toolchain_has_a_hashed_lock_for_this_machine():
@@ -58,14 +58,14 @@ def test_changing_one_toolchains_lock_makes_only_its_targets_stale(tmp_path, mon
     old_parts = before.plan(before.target("phi3-tiny-int4-mlx")).parts
     original = declare.locked
     real = original("mlx")
-    edited = declare.Locked(real.name, real.path, "0" * 64, {**real.packages, "mlx-lm": "0.32.2"})
-    monkeypatch.setattr(declare, "locked", lambda name: edited if name == "mlx" else original(name))
+    edited = declare.Locked(real.name, real.path, "0" * 64, {**real.packages, "mlx-lm": "9.9.9"})
+    monkeypatch.setattr(chosen, "locked", lambda name: edited if name == "mlx" else original(name))
     project = Project.load(root)
     after = {t.name: project.plan(t).key for t in project.targets()[0]}
     assert after["phi3-tiny-int4-gguf"] == keys["phi3-tiny-int4-gguf"]
     assert after["phi3-tiny-int4-mlx"] != keys["phi3-tiny-int4-mlx"]
     changes = project.plan(project.target("phi3-tiny-int4-mlx")).parts.differences(old_parts)
-    assert f"versions: mlx-lm {real.packages['mlx-lm']} -> 0.32.2" in changes
+    assert f"versions: mlx-lm {real.packages['mlx-lm']} -> 9.9.9" in changes
 
 
 def test_a_lock_that_is_no_lock_is_one_line():
@@ -324,3 +324,13 @@ def test_every_relative_import_in_phibuild_names_something_that_exists():
                         and not hasattr(importlib.import_module(base), alias.name)):
                     missing.append(f"{path.name}:{node.lineno} {base}.{alias.name}")
     assert not missing
+
+
+def test_a_backend_whose_toolchain_cannot_run_here_is_said_in_the_task_list(tmp_path):
+    root = write_project(tmp_path / "p", ["phi3-tiny"], ["gguf", "mlx"], ["int4"],
+                         extra='[tool.phibuild.toolchains]\ngguf = "/nonexistent/bin/python"\n')
+    run = run_doit(root, "list")
+    assert run.code == 0, run.output
+    assert ("cannot run here: gguf ([tool.phibuild.toolchains] gguf = '/nonexistent/bin/python' is not an "
+            "interpreter)") in run.output
+    assert "quantize:phi3-tiny-int4-mlx" in run.output and "quantize:phi3-tiny-int4-gguf" not in run.output

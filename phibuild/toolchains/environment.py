@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from ..errors import BuildError, ConfigError
+from ..processes import alive
 from . import pipconfig
 from .declare import Locked, platform_tag, python_tag
 
@@ -122,7 +123,7 @@ def leftovers() -> list[Path]:
         for path in root().iterdir():
             if path.name.startswith(CREATING) and not path.is_symlink():
                 pid = path.name.rsplit("-", 2)[-2]
-                if not pid.isdigit() or not _alive(int(pid)):
+                if not pid.isdigit() or not alive(int(pid)):
                     found.append(path)
     return found
 
@@ -138,13 +139,3 @@ def size(place: Path) -> str:
                     seen.add((st.st_dev, st.st_ino))
                     total += st.st_blocks * 512
     return f"{total / 1e9:.2f} GB" if total >= 1e8 else f"{total / 1e6:.0f} MB"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
