@@ -193,9 +193,10 @@ def test_every_other_backend_says_why_it_cannot(tmp_path):
         assert f"{item.backend}: {item.reason}" in listed.output
 
 
-def test_a_hub_model_of_ones_own_that_reads_images_is_refused_once_downloaded():
+def test_a_hub_model_of_ones_own_that_reads_images_is_refused_once_downloaded(tmp_path):
     """Its defaults and its fidelity step are chosen before it is downloaded, as for a text model: refused, with what
     to do instead, not built as one."""
+    project = Project.load(write_project(tmp_path, ["phi3-tiny"], ["onnx"], ["int4"]))
     target = Target(ModelSpec("mine", repo="me/mine"), "int4", get("onnx"), get("onnx").params("int4", {}))
     with pytest.raises(UnsupportedError, match=r"reads images.*\[tool\.phibuild\.model\.mine\] path = "):
-        build._check_source(target, SOURCE)
+        build._check_source(project, target, SOURCE)
