@@ -40,7 +40,7 @@ from .lockfile import Lockfile
 from .project import LeftOut, Project, Target, frozen, left_out_summary
 from .records import Smoke
 from .store import files_under, remove_made, sweep
-from .toolchains import declare, environment, lock, worker
+from .toolchains import chosen, declare, environment, lock, worker
 
 log = logging.getLogger("phibuild")
 _projects: dict[tuple[int, Path], Project] = {}
@@ -458,8 +458,8 @@ def _toolchains(root: str, upgrade: str) -> TaskFailed | None:
     for name in names:
         locked = declare.locked(name)
         place = environment.ensure(locked)
-        installed = worker.call(environment.python(place), [{"verb": "inventory", "failure": f"checking {place}"}],
-                                f"checking the {name} toolchain")[0]["packages"]
+        installed = chosen.inventory(functools.partial(worker.call, environment.python(place)),
+                                     f"the {name} toolchain in {place}")["packages"]
         extra = sorted(set(installed) - set(locked.packages) - {"pip"})
         changed = sorted(name for name, version in locked.packages.items() if installed.get(name) != version)
         if extra or changed:

@@ -18,6 +18,7 @@ from typing import Any
 from . import measuring
 from .backends import Job, get
 from .errors import PhibuildError, causes, file_system_error
+from .toolchains.declare import python_tag
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,7 @@ def inventory(step: dict[str, Any]) -> dict[str, Any]:
         name = dist.metadata["Name"]
         if name:
             found.setdefault(_canonical(name), dist.version)
-    python = f"{sys.implementation.name}-{sys.version_info.major}.{sys.version_info.minor}"
-    return {"python": python, "packages": dict(sorted(found.items()))}
+    return {"python": python_tag(), "packages": dict(sorted(found.items()))}
 
 
 VERBS: dict[str, Callable[[dict[str, Any]], Any]] = {

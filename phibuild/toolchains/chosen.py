@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,15 +61,7 @@ class Own:
 
     @functools.cached_property
     def inventory(self) -> dict[str, Any]:
-        """The interpreter's version and every distribution installed there, checked as a lock's are."""
-        where = f"the {self.name} environment {self.interpreter}"
-        found = self.run([{"verb": "inventory", "failure": f"reading {where}"}], f"reading {where}")[0]
-        try:
-            fields = {"python": v.Field(lambda value, at: v.pattern(PYTHON, value, at)),
-                      "packages": v.Field(v.table_of(v.distribution, v.version))}
-            return v.fields(found, fields, where)
-        except v.Invalid as exc:
-            raise BuildError(str(exc)) from None
+        return inventory(self.run, f"the {self.name} environment {self.interpreter}")
 
     def record(self, backend: str) -> Toolchain:
         inventory = self.inventory
@@ -77,15 +70,22 @@ class Own:
 
     @functools.cache  # noqa: B019 (one per toolchain of a run)
     def facts(self, backend: str) -> dict[str, str]:
-        found = self.run([{"verb": "facts", "backend": backend, "failure": f"{backend}'s facts"}],
-                         f"{backend}'s facts")[0]
-        try:
-            return v.table_of(v.name, v.text)(found, f"{backend}'s facts")
-        except v.Invalid as exc:
-            raise BuildError(str(exc)) from None
+        return facts.asked(self.run, backend)
 
     def run(self, steps: list[dict[str, Any]], failure: str) -> list[Any]:
         return worker.call(self.interpreter, steps, failure)
+
+
+def inventory(run: Callable[[list[dict[str, Any]], str], list[Any]], where: str) -> dict[str, Any]:
+    """The interpreter's version and every distribution installed in an environment (``run``: a worker of it, as
+    ``worker.call`` takes steps and failure), checked as a lock's packages are."""
+    found = run([{"verb": "inventory", "failure": f"reading {where}"}], f"reading {where}")[0]
+    try:
+        fields = {"python": v.Field(lambda value, at: v.pattern(PYTHON, value, at)),
+                  "packages": v.Field(v.table_of(v.distribution, v.version))}
+        return v.fields(found, fields, where)
+    except v.Invalid as exc:
+        raise BuildError(str(exc)) from None
 
 
 def chosen(name: str, own: dict[str, Path]) -> Managed | Own:

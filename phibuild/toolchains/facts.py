@@ -5,8 +5,11 @@ the environment does not change once made, so neither do they."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+from collections.abc import Callable
+from typing import Any
 
 from .. import reading, validate
 from ..errors import BuildError
@@ -32,14 +35,18 @@ def _kept(locked: Locked, backend: str) -> dict[str, str]:
         data = reading.json_data(reading.read_bytes(path, "measurement"), str(path))
         if isinstance(data, dict) and data.get("format") == FORMAT:
             return validate.table_of(validate.name, validate.text)(data.get("facts"), str(path))
-    found = worker.call(environment.python(place), [{"verb": "facts", "backend": backend,
-                                                     "failure": f"finding {backend}'s facts in {place}"}],
-                        f"{backend}'s facts")[0]
-    try:
-        found = validate.table_of(validate.name, validate.text)(found, f"{backend}'s facts")
-    except validate.Invalid as exc:
-        raise BuildError(str(exc)) from None
+    found = asked(functools.partial(worker.call, environment.python(place)), backend)
     scratch = path.with_name(f".{path.name}.{os.getpid()}")
     scratch.write_text(json.dumps({"format": FORMAT, "facts": found}))
     os.replace(scratch, path)
     return found
+
+
+def asked(run: Callable[[list[dict[str, Any]], str], list[Any]], backend: str) -> dict[str, str]:
+    """``backend``'s facts, asked of a worker (``run``: steps and failure, as ``worker.call`` takes them) and
+    checked where they enter."""
+    found = run([{"verb": "facts", "backend": backend, "failure": f"{backend}'s facts"}], f"{backend}'s facts")[0]
+    try:
+        return validate.table_of(validate.name, validate.text)(found, f"{backend}'s facts")
+    except validate.Invalid as exc:
+        raise BuildError(str(exc)) from None
